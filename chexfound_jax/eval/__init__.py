@@ -1,0 +1,1 @@
+"""chexfound_jax.eval."""

@@ -1,0 +1,69 @@
+"""Shared test helpers: golden files, tiny model configs, and an importable timm on CPU."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+
+from chexfound_jax.models.build import model_from_params  # noqa: F401 - re-exported for tests
+from chexfound_jax.models.vit import ViTConfig, abstract_vit_params
+
+DATA = pathlib.Path(__file__).parent / "data"
+GOLDEN = DATA / "golden"
+IMAGES = sorted((DATA / "images").glob("*.png"))
+TINY_TEACHER = GOLDEN / "vit_tiny_teacher_checkpoint.pth"
+TINY_HUB = GOLDEN / "vit_tiny_hub.pth"
+TINY_HEADS = 4  # the golden tiny backbone: embed 64, 4 heads (not DINOv2's 64-d head default)
+
+
+def golden(name: str) -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / f"{name}.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def random_params(cfg: ViTConfig, seed: int = 0, scale: float = 0.1) -> dict:
+    """Backbone parameters with every leaf random (numpy), so each one visibly changes outputs.
+
+    Norm scales and LayerScale gammas are centred on 1 and 0.1 so activations stay well scaled.
+    Much faster than an eager NNX init for tests that only need values.
+    """
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, spec):
+        return _random_leaf(path, spec).astype(spec.dtype)
+
+    def _random_leaf(path, spec):
+        name = jax.tree_util.keystr(path)
+        x = rng.standard_normal(spec.shape).astype(np.float32)
+        if "scale" in name:
+            return 1.0 + 0.1 * x
+        if "gamma" in name:
+            return 0.1 + 0.05 * x
+        if "kernel" in name:
+            return x / np.sqrt(np.prod(spec.shape[:-1]))
+        return scale * x
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract_vit_params(cfg))
+
+
+def import_timm():
+    """timm, importable on a CPU-only torch.
+
+    PyPI's torchvision is a CUDA build whose import registers fake kernels for its C++ ops and
+    fails when those ops do not exist; defining the two it touches first is enough for timm.
+    """
+    import torch
+
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - present when torchvision's C++ ops load
+    except (AttributeError, RuntimeError):
+        if not hasattr(import_timm, "_lib"):
+            lib = torch.library.Library("torchvision", "DEF")
+            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            import_timm._lib = lib
+    import timm
+
+    return timm
