@@ -1,0 +1,177 @@
+"""The CheXFound / DINOv2 training step as one pure function: (state, batch) -> (state, metrics).
+
+Teacher (no drop path) on the 2 global crops -> DINO targets from its class tokens (crops swapped)
+and iBOT targets from its patch tokens at the masked positions, both Sinkhorn-Knopp (or centred
+softmax); student (drop path, masks on the global crops) on all crops -> DINO, KoLeo and iBOT
+losses; AdamW on the student; then the teacher follows by EMA. All sums run over the global batch,
+so under jit on a mesh they are the official all-reduces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from chexfound_jax.models import DINOHead, ModelConfig, VisionTransformer
+from chexfound_jax.ssl import losses
+from chexfound_jax.ssl.schedules import Schedules
+from chexfound_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+class _Graphs:
+    """Flax graph definitions, so pure parameter dicts can be bound to modules inside the step."""
+
+    def __init__(self, model_cfg: ModelConfig):
+        self.backbone = nnx.graphdef(nnx.eval_shape(lambda: VisionTransformer(model_cfg.backbone, rngs=nnx.Rngs(0))))
+        self.heads = {
+            name: nnx.graphdef(nnx.eval_shape(lambda h=head: DINOHead(h, rngs=nnx.Rngs(0))))
+            for name, head in model_cfg.heads().items()
+        }
+
+    def vit(self, params: dict) -> VisionTransformer:
+        return nnx.merge(self.backbone, nnx.State(params))
+
+    def head(self, name: str, params: dict) -> DINOHead:
+        return nnx.merge(self.heads[name], nnx.State(params))
+
+
+def _gather_masked(patches: jax.Array, groups: int, indices: jax.Array) -> jax.Array:
+    """Patch tokens (G*2b, N, D) at per-group flat indices (G, M) -> (G*M, D), gathered within groups."""
+    d = patches.shape[-1]
+    flat = patches.reshape(groups, -1, d)
+    return jnp.take_along_axis(flat, indices[..., None], axis=1).reshape(-1, d)
+
+
+def _crops_first(x: jax.Array, groups: int, crops: int) -> jax.Array:
+    """(G*crops*b, ...) in per-group crop-major order -> (crops, G*b, ...)."""
+    x = x.reshape(groups, crops, -1, *x.shape[1:])
+    return jnp.moveaxis(x, 1, 0).reshape(crops, -1, *x.shape[3:])
+
+
+def _entropy(p: jax.Array) -> jax.Array:
+    return -jnp.sum(p * jnp.log(jnp.clip(p, 1e-30)), axis=-1)
+
+
+def make_train_step(
+    cfg: Any, model_cfg: ModelConfig, optimizer: optax.GradientTransformation, schedules: Schedules
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure step for a config; compile it with `compile_train_step`."""
+    graphs = _Graphs(model_cfg)
+    ibot_head = "ibot_head" if model_cfg.ibot_head is not None else "dino_head"
+    n_local = cfg.crops.local_crops_number
+    sinkhorn = cfg.train.centering == "sinkhorn_knopp"
+    if cfg.train.centering not in ("sinkhorn_knopp", "centering"):
+        raise ValueError(f"train.centering must be sinkhorn_knopp or centering, got {cfg.train.centering!r}")
+
+    def teacher_targets(teacher: dict, batch: Batch, temp: jax.Array, centers: dict):
+        groups, two_b = batch["global_crops"].shape[:2]
+        out = graphs.vit(teacher["backbone"]).forward_features(
+            batch["global_crops"].reshape(-1, *batch["global_crops"].shape[2:])
+        )
+        cls = out["x_norm_clstoken"].reshape(groups, 2, two_b // 2, -1)[:, ::-1]  # swap crops: [t2; t1]
+        dino_logits = graphs.head("dino_head", teacher["dino_head"])(cls.reshape(-1, cls.shape[-1]))
+        patches = _gather_masked(out["x_norm_patchtokens"], groups, batch["mask_indices"])
+        ibot_logits = graphs.head(ibot_head, teacher[ibot_head])(patches)
+        valid = batch["mask_valid"].reshape(-1)
+        if sinkhorn:
+            dino_q = losses.sinkhorn_knopp(dino_logits, temp)
+            ibot_q = losses.sinkhorn_knopp(ibot_logits, temp, valid=valid)
+        else:
+            dino_q = losses.softmax_center_teacher(dino_logits, centers["dino"], temp)
+            ibot_q = losses.softmax_center_teacher(ibot_logits, centers["ibot"], temp) * valid[:, None]
+            m = cfg.train.center_momentum
+            centers = {
+                "dino": losses.update_center(centers["dino"], dino_logits, m),
+                "ibot": losses.update_center(centers["ibot"], ibot_logits, m, valid=valid),
+            }
+        stats = {
+            # Collapse monitors: a collapsed teacher gives every image the same distribution.
+            "teacher_entropy": jnp.mean(_entropy(jax.nn.softmax(dino_logits / temp))),
+            "teacher_batch_entropy": _entropy(jnp.mean(jax.nn.softmax(dino_logits / temp), axis=0)),
+        }
+        dino_q = dino_q.reshape(groups, 2, two_b // 2, -1)
+        dino_q = jnp.moveaxis(dino_q, 1, 0).reshape(2, -1, dino_q.shape[-1])
+        return jax.lax.stop_gradient(dino_q), jax.lax.stop_gradient(ibot_q), centers, stats
+
+    def student_loss(student: dict, batch: Batch, dino_q, ibot_q, key: jax.Array):
+        groups, two_b = batch["global_crops"].shape[:2]
+        b = two_b // 2
+        k_global, k_local = jax.random.split(key)
+        vit = graphs.vit(student["backbone"])
+        dino = graphs.head("dino_head", student["dino_head"])
+        x_global = batch["global_crops"].reshape(-1, *batch["global_crops"].shape[2:])
+        x_local = batch["local_crops"].reshape(-1, *batch["local_crops"].shape[2:])
+        out_g = vit.forward_features(x_global, batch["masks"].reshape(groups * two_b, -1), rng=k_global)
+        out_l = vit.forward_features(x_local, rng=k_local)
+        cls_g = out_g["x_norm_clstoken"]
+        terms = losses.dino_loss(
+            _crops_first(dino(out_l["x_norm_clstoken"]), groups, n_local),
+            _crops_first(dino(cls_g), groups, 2),
+            dino_q,
+        )
+        cls_by_crop = cls_g.reshape(groups, 2, b, -1)
+        terms["koleo_loss"] = sum(
+            losses.koleo_loss(cls_by_crop[:, c].reshape(groups * b, -1), group_size=b) for c in range(2)
+        )
+        patches = _gather_masked(out_g["x_norm_patchtokens"], groups, batch["mask_indices"])
+        ibot_logits = graphs.head(ibot_head, student[ibot_head])(patches)
+        terms["ibot_loss"] = losses.ibot_loss(
+            ibot_logits, ibot_q, batch["mask_weights"].reshape(-1), n_global_images=groups * two_b
+        )
+        total = (
+            cfg.dino.loss_weight * (terms["dino_local_crops_loss"] + terms["dino_global_crops_loss"])
+            + cfg.dino.koleo_loss_weight * terms["koleo_loss"]
+            + cfg.ibot.loss_weight * terms["ibot_loss"]
+        )
+        return total, terms
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        temp = schedules.teacher_temp(state.step)
+        momentum = schedules.momentum(state.step)
+        rng, key = jax.random.split(state.rng)
+        dino_q, ibot_q, centers, stats = teacher_targets(state.teacher, batch, temp, state.centers)
+        (total, terms), grads = jax.value_and_grad(student_loss, has_aux=True)(
+            state.student, batch, dino_q, ibot_q, key
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
+        student = optax.apply_updates(state.student, updates)
+        teacher = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, state.teacher, student)
+        metrics = {
+            "total_loss": total,
+            **terms,
+            **stats,
+            "lr": schedules.lr(state.step),
+            "wd": schedules.wd(state.step),
+            "momentum": momentum,
+            "teacher_temp": temp,
+            "grad_norm": optax.global_norm(grads),
+            **{f"grad_norm/{name}": optax.global_norm(g) for name, g in grads.items()},
+            "param_norm": optax.global_norm(student),
+            "update_norm": optax.global_norm(updates),
+        }
+        new_state = TrainState(
+            step=state.step + 1, student=student, teacher=teacher, opt_state=opt_state, rng=rng, centers=centers
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def compile_train_step(
+    step_fn: Callable, state_shardings: TrainState, batch_shardings: dict, mesh: jax.sharding.Mesh
+) -> Callable:
+    """jit with explicit shardings; the state is donated (updated in place), metrics replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )

@@ -1,0 +1,84 @@
+"""The CheXFound 512-px pretraining stage (vitl16_ibot333_highres512 over DINOv2's defaults).
+
+ViT-L/16 with 4 registers and fused SwiGLU; DINO (384-d bottleneck) + iBOT (256-d, weight 3)
+with 131072 prototypes each, Sinkhorn-Knopp targets, KoLeo 0.1; 2 global crops of 512 and 8
+local crops of 144; 100 epochs of 2500 iterations at a global batch of 80 (8 GPUs x 10).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = dict(
+        arch="vit_large",
+        patch_size=16,
+        num_register_tokens=4,
+        ffn_layer="swiglufused",
+        layerscale_init=1e-5,
+        drop_path_rate=0.4,  # student only; the teacher runs without
+        drop_path_mode="subset",  # DINOv2's batch-subset stochastic depth
+        interpolate_offset=0.1,
+        dtype="bfloat16",  # compute dtype; parameters and optimiser state stay float32
+        attention_impl=None,  # jax.nn.dot_product_attention: None (XLA) or "cudnn"
+        remat=False,
+    )
+    c.crops = dict(
+        global_crops_size=512,
+        local_crops_size=144,
+        local_crops_number=8,
+        global_crops_scale=(0.32, 1.0),
+        local_crops_scale=(0.05, 0.32),
+    )
+    c.dino = dict(
+        loss_weight=1.0,
+        head_n_prototypes=131072,
+        head_bottleneck_dim=384,
+        head_hidden_dim=2048,
+        head_nlayers=3,
+        koleo_loss_weight=0.1,
+    )
+    c.ibot = dict(
+        loss_weight=3.0,
+        separate_head=True,
+        head_n_prototypes=131072,
+        head_bottleneck_dim=256,
+        head_hidden_dim=2048,
+        head_nlayers=3,
+        mask_sample_probability=0.5,
+        mask_ratio_min_max=(0.1, 0.5),
+    )
+    c.train = dict(
+        global_batch_size=80,
+        # Images are processed in groups the size of an official per-GPU batch: KoLeo neighbours and
+        # iBOT masks are per group, so results do not depend on the mesh. -1: one group per batch shard.
+        batch_groups=8,
+        centering="sinkhorn_knopp",  # or "centering" (softmax with an EMA centre)
+        center_momentum=0.9,
+        seed=0,
+    )
+    c.optim = dict(
+        epochs=100,
+        epoch_length=2500,  # OFFICIAL_EPOCH_LENGTH
+        base_lr=2e-4,  # for a global batch of 1024, sqrt-scaled
+        min_lr=1e-6,
+        warmup_epochs=10,
+        weight_decay=0.04,
+        weight_decay_end=0.2,
+        clip_grad=3.0,
+        layerwise_decay=1.0,
+        patch_embed_lr_mult=0.2,
+        freeze_last_layer_epochs=1,
+        adamw_beta1=0.9,
+        adamw_beta2=0.999,
+        adamw_eps=1e-8,
+    )
+    c.teacher = dict(
+        momentum_teacher=0.994,
+        final_momentum_teacher=1.0,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=30,
+    )
+    c.parallel = dict(mesh=dict(data=-1, fsdp=1), rules="fsdp")
+    return c
