@@ -1,68 +1,37 @@
 """The sharded student/EMA-teacher train step on 8 simulated CPU devices."""
 
+import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
+import portpicker
 import pytest
-from helpers import DATA
+from helpers import DATA, equivalence_config, random_batches, setup_train
 from PIL import Image
 
 from chexfound_jax.data.collate import collate
-from chexfound_jax.models import abstract_params
-from chexfound_jax.parallel import mesh as mesh_lib
-from chexfound_jax.parallel import sharding
-from chexfound_jax.ssl.schedules import Schedules
-from chexfound_jax.train import optimizer as optimizer_lib
-from chexfound_jax.train import recipe
-from chexfound_jax.train import state as state_lib
-from chexfound_jax.train import step as step_lib
 from configs.pretrain import tiny_cpu
 
 
 def _setup(cfg, mesh_axes, rules, devices=None):
-    model_cfg = recipe.model_config(cfg)
-    schedules = Schedules.from_config(recipe.schedule_config(cfg))
-    optimizer = optimizer_lib.make_optimizer(abstract_params(model_cfg), schedules, cfg.optim)
-    mesh = mesh_lib.create_mesh(mesh_axes, devices)
-    rules = sharding.resolve_rules(rules)
-    state, shardings = state_lib.create_state(model_cfg, optimizer, rules, mesh, seed=cfg.train.seed)
-    spec = recipe.batch_spec(cfg, cfg.train.batch_groups)
-    batch_shardings = sharding.tree_shardings(recipe.batch_logical_axes(spec), spec, rules, mesh)
-    step = step_lib.make_train_step(cfg, model_cfg, optimizer, schedules)
-    return state, step_lib.compile_train_step(step, shardings, batch_shardings, mesh), spec
-
-
-def _random_batches(cfg, spec, n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [
-        collate(
-            rng.standard_normal(spec["global_crops"].shape, np.float32),
-            rng.standard_normal(spec["local_crops"].shape, np.float32),
-            rng,
-            cfg,
-        )
-        for _ in range(n)
-    ]
+    state, step, spec, _ = setup_train(cfg, mesh_axes, rules, devices)
+    return state, step, spec
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    c = tiny_cpu.get_config()
-    c.optim.update(base_lr=0.02, warmup_epochs=0)  # visible updates in two steps
-    c.model.drop_path_rate = 0.0  # the subset draw depends on the rng, not on the mesh, but keep it simple
-    # Adam's first steps divide each gradient by its own magnitude: with eps 1e-8 a gradient of ~1e-9
-    # whose rounding differs between reduction orders moves its parameter by a different fraction of
-    # the lr. A larger eps keeps the comparison about the step, not about that amplification.
-    c.optim.adamw_eps = 1e-4
-    return c
+    return equivalence_config()
 
 
 @pytest.fixture(scope="module")
 def reference(cfg):
     """Two steps on one device: the truth the sharded runs must reproduce."""
     state, step, spec = _setup(cfg, {"data": 1}, "data_parallel", devices=jax.devices()[:1])
-    batches = _random_batches(cfg, spec, 2)
+    batches = random_batches(cfg, spec, 2)
     metrics = []
     for batch in batches:
         state, m = step(state, batch)
@@ -98,7 +67,7 @@ def test_teacher_starts_as_student_then_follows_by_ema(cfg):
     before = jax.device_get(state)
     for a, b in zip(jax.tree.leaves(before.student), jax.tree.leaves(before.teacher)):
         np.testing.assert_array_equal(a, b)
-    state, metrics = step(state, _random_batches(cfg, spec, 1)[0])
+    state, metrics = step(state, random_batches(cfg, spec, 1)[0])
     after = jax.device_get(state)
     m = float(metrics["momentum"])
     assert m == pytest.approx(0.994)
@@ -152,3 +121,60 @@ def test_tiny_vit_learns_on_real_xrays_without_collapse():
     # distribution's entropy would go to 0. With 256 prototypes and 32 images per step, the
     # mean distribution spreads over at least a few images' worth of prototypes: > log(4).
     assert min(entropies[-10:]) > np.log(4), entropies
+
+
+def test_two_processes_equal_single_device(reference, tmp_path):
+    """Two local processes x 4 CPU devices form one 8-device FSDP mesh via jax.distributed."""
+    want_metrics = reference[1]
+    port = portpicker.pick_unused_port()
+    out = tmp_path / "metrics.json"
+    worker = pathlib.Path(__file__).parent / "multihost_worker.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(i), str(port), str(out), "fsdp=8", "fsdp"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    got_metrics = json.loads(out.read_text())
+    for got, want in zip(got_metrics, want_metrics):
+        for key in (
+            "total_loss",
+            "dino_local_crops_loss",
+            "dino_global_crops_loss",
+            "koleo_loss",
+            "ibot_loss",
+            "grad_norm",
+            "update_norm",
+        ):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, err_msg=key)
+
+
+def test_shared_head_option_traces_with_one_head():
+    """ibot.separate_head=False: iBOT uses the DINO head (no ibot_head parameters)."""
+    from chexfound_jax.models import abstract_params
+    from chexfound_jax.ssl.schedules import Schedules
+    from chexfound_jax.train import optimizer as optimizer_lib
+    from chexfound_jax.train import recipe
+    from chexfound_jax.train import state as state_lib
+    from chexfound_jax.train import step as step_lib
+
+    cfg = equivalence_config()
+    cfg.ibot.separate_head = False
+    model_cfg = recipe.model_config(cfg)
+    assert model_cfg.ibot_head is None
+    schedules = Schedules.from_config(recipe.schedule_config(cfg))
+    optimizer = optimizer_lib.make_optimizer(abstract_params(model_cfg), schedules, cfg.optim)
+    state = jax.eval_shape(lambda: state_lib.init_state(model_cfg, optimizer, 0))
+    assert set(state.student) == {"backbone", "dino_head"}
+    step = step_lib.make_train_step(cfg, model_cfg, optimizer, schedules)
+    spec = recipe.batch_spec(cfg, cfg.train.batch_groups)
+    new_state, metrics = jax.eval_shape(step, state, spec)
+    assert metrics["ibot_loss"].shape == () and set(new_state.teacher) == {"backbone", "dino_head"}
