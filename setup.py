@@ -18,6 +18,7 @@ setup(
         "grain>=0.2.18,<0.4",
         "array-record>=0.8.6,<0.10",
         "tensorflow-datasets>=4.9.10,<5",
+        "google-crc32c>=1.5,<2",
         "pydicom>=3.0.2,<4",
         "pylibjpeg>=2.1,<3",
         "pylibjpeg-openjpeg>=2.6,<3",

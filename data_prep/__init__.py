@@ -1,0 +1,1 @@
+"""Data preparation: public chest X-ray archives to training shards."""
