@@ -2,7 +2,8 @@ r"""Embed chest X-rays with a CheXFound backbone: image files in, an .npz of fea
 
   python -m chexfound_jax.embed --checkpoint=WEIGHTS_DIR --out=FEATURES.npz IMAGE...
 
-WEIGHTS_DIR is what `python -m chexfound_jax.convert --to=jax` writes. Each image goes through the
+WEIGHTS_DIR is what `python -m chexfound_jax.convert --to=jax` writes. Images are PNG, JPEG or DICOM
+(decoded to an 8-bit display image by data_prep). Each image goes through the
 official evaluation preprocessing (resize the shorter side and centre-crop to --image_size, per-channel
 min-max, ImageNet normalisation). The .npz holds, in input order (B images, D = embed_dim,
 R registers, N patches, n = --n_last_blocks), all float32 except `paths`:

@@ -165,3 +165,15 @@ def test_matches_torchvision_on_non_square_images():
         )
         want = official(img).numpy().transpose(1, 2, 0)
         np.testing.assert_allclose(preprocess.preprocess_image(img, size, crop), want, rtol=0, atol=1e-6)
+
+
+def test_dicom_inputs_go_through_the_dicom_decoder(data_dir):
+    chest = data_dir / "dicom" / "chest" / "cxr_dx_sc_mono2_8bit_implicitLE_nih_cxr14_via_gcp.dcm"
+    x = preprocess.preprocess(chest)
+    assert x.shape == (512, 512, 3) and x.dtype == np.float32
+    gray = x[..., 0]
+    lungs = np.r_[gray[150:280, 100:160].ravel(), gray[150:280, 350:410].ravel()].mean()
+    assert lungs < gray[150:280, 235:275].mean() - 0.5  # dark lungs, bright mediastinum (normalised units)
+    ct = data_dir / "dicom" / "negative" / "neg_ct_small_128px_explicitLE.dcm"
+    with pytest.raises(preprocess.ImageError, match=r"neg_ct_small_128px_explicitLE\.dcm: rejected DICOM \(modality\)"):
+        preprocess.preprocess(ct)

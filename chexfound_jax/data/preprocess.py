@@ -35,13 +35,39 @@ class ImageError(ValueError):
 def load_image(path: str | os.PathLike) -> Image.Image:
     """The decoded image as RGB, as the official loader does (grayscale X-rays get 3 equal channels).
 
-    The pixels are loaded here, so a truncated or corrupt file fails now and names itself.
+    PNG/JPEG go through PIL; DICOM files through data_prep's decoder (rescale, VOI window,
+    MONOCHROME1 / Presentation LUT handling) to an 8-bit display image at native resolution, the
+    form in which the public datasets were fed to CheXFound. The pixels are loaded here, so a
+    truncated or corrupt file fails now and names itself.
     """
+    if _is_dicom(path):
+        return _load_dicom(path)
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
     except _PIL_ERRORS as e:
         raise ImageError(path, f"cannot read image: {e}") from e
+
+
+def _is_dicom(path: str | os.PathLike) -> bool:
+    if os.fspath(path).lower().endswith((".dcm", ".dicom")):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _load_dicom(path: str | os.PathLike) -> Image.Image:
+    from data_prep import decode  # DICOM support lives with the data preparation
+
+    try:
+        decoded = decode.decode_dicom(path, min_size=0)
+    except decode.Rejected as e:
+        raise ImageError(path, f"rejected DICOM ({e.reason}): {e.message}") from e
+    pixels = np.round(np.clip(decoded.pixels, 0.0, 1.0) * 255).astype(np.uint8)
+    return Image.fromarray(pixels).convert("RGB")
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
