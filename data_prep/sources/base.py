@@ -5,6 +5,7 @@ labels) and never opens an image. Rows whose file is absent on disk are kept asi
 than yielded, so a partial download is reported and nothing is ever invented to fill it.
 """
 
+import abc
 import csv
 import dataclasses
 import gzip
@@ -52,7 +53,7 @@ class SourceItem:
     labels: tuple[float, ...] = ()  # in the source's label_names order; -1 uncertain, NaN unknown
 
 
-class Source:
+class Source(abc.ABC):
     """Base adapter. Subclasses set `name`, `label_names` and implement `candidates()`.
 
     `views`: "frontal" (the source's FRONTAL_VIEWS), None or "all" (every view), or an explicit collection of
@@ -87,9 +88,9 @@ class Source:
         self.keep_unknown_view = self.KEEP_UNKNOWN_VIEW if keep_unknown_view is None else keep_unknown_view
         self.missing: list[SourceItem] = []
 
+    @abc.abstractmethod
     def candidates(self) -> Iterator[SourceItem]:
         """Every image the metadata lists, whatever its view and whether or not its file exists."""
-        raise NotImplementedError
 
     def keep_view(self, view: str) -> bool:
         if self.views is None:
