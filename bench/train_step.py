@@ -1,6 +1,6 @@
 """Throughput and memory of the full pretraining step (teacher + student + AdamW + EMA), per device.
 
-Timing mode builds the sharded state (chexfound_jax.train.state.create_state), compiles the step
+Timing mode builds the sharded state (chexfound_jax.train.setup), compiles the step
 ahead of time (the compile time is printed), runs --warmup steps, then times --steps steps, each
 waited on with block_until_ready on its metrics; the median is reported. Batches are random normal
 crops with real iBOT masks (data.collate), placed on the devices before timing, so the figures are
@@ -25,11 +25,9 @@ Nothing is asserted: this is a measurement, not a test.
 
 from __future__ import annotations
 
-import math
 import pathlib
 import statistics
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -37,17 +35,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from chexfound_jax.data.collate import collate
-from chexfound_jax.models import abstract_params
+from chexfound_jax.data.collate import synthetic_batch
 from chexfound_jax.models.vit import count_params
 from chexfound_jax.parallel import mesh as mesh_lib
-from chexfound_jax.parallel import sharding
-from chexfound_jax.ssl.schedules import Schedules
 from chexfound_jax.train import flops as flops_lib
-from chexfound_jax.train import optimizer as optimizer_lib
-from chexfound_jax.train import recipe
-from chexfound_jax.train import state as state_lib
-from chexfound_jax.train import step as step_lib
+from chexfound_jax.train.setup import Training, build_training
 
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.py"
 _CONFIG = config_flags.DEFINE_config_file(
@@ -108,43 +100,6 @@ def default_peak_tflops(device_kind: str) -> float | None:
     return next((peak for name, peak in PEAK_TFLOPS if name.lower() in device_kind.lower()), None)
 
 
-def _batch_shards(rules: sharding.Rules, mesh: jax.sharding.Mesh) -> int:
-    """Devices the batch's group axis is split over (the `batch` rule's axes in this mesh)."""
-    axes = dict(rules).get("batch") or ()
-    axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape.get(a, 1) for a in axes)
-
-
-def build(
-    cfg: Any, mesh_axes: dict[str, int], rules: Any, devices: Sequence[jax.Device] | None = None
-) -> dict[str, Any]:
-    """Everything both modes need, as in tests/test_train_step.py, with nothing allocated yet."""
-    model_cfg = recipe.model_config(cfg)
-    schedules = Schedules.from_config(recipe.schedule_config(cfg))
-    optimizer = optimizer_lib.make_optimizer(abstract_params(model_cfg), schedules, cfg.optim)
-    mesh = mesh_lib.create_mesh(mesh_axes, devices)
-    rules = sharding.resolve_rules(rules)
-    spec = recipe.batch_spec(cfg, recipe.batch_groups(cfg, _batch_shards(rules, mesh)))
-    batch_shardings = sharding.tree_shardings(recipe.batch_logical_axes(spec), spec, rules, mesh)
-    init = lambda: state_lib.init_state(model_cfg, optimizer, cfg.train.seed)
-    abstract_state = jax.eval_shape(init)
-    state_shardings = state_lib.state_shardings(abstract_state, model_cfg, optimizer, rules, mesh)
-    step = step_lib.compile_train_step(
-        step_lib.make_train_step(cfg, model_cfg, optimizer, schedules), state_shardings, batch_shardings, mesh
-    )
-    return {
-        "model_cfg": model_cfg,
-        "optimizer": optimizer,
-        "mesh": mesh,
-        "rules": rules,
-        "spec": spec,
-        "batch_shardings": batch_shardings,
-        "abstract_state": abstract_state,
-        "state_shardings": state_shardings,
-        "step": step,
-    }
-
-
 def _with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
@@ -164,28 +119,18 @@ def memory_figures(compiled: jax.stages.Compiled) -> dict[str, int]:
 
 
 def compile_abstract(
-    parts: dict[str, Any], compiler_options: dict[str, Any] | None = None
+    training: Training, compiler_options: dict[str, Any] | None = None
 ) -> tuple[dict[str, int], float]:
-    """(memory figures, compile seconds) of the step (from `build`) for abstract sharded inputs.
+    """(memory figures, compile seconds) of the step for abstract sharded inputs.
 
     Allocates nothing, so it sizes a batch for memory one does not have. `compiler_options` go to
     XLA; {"xla_backend_optimization_level": 0} halves a CPU compile (LLVM only, same buffers).
     """
-    state = _with_shardings(parts["abstract_state"], parts["state_shardings"])
-    batch = _with_shardings(parts["spec"], parts["batch_shardings"])
+    state = _with_shardings(training.abstract_state, training.state_shardings)
+    batch = _with_shardings(training.batch_spec, training.batch_shardings)
     t0 = time.perf_counter()
-    compiled = parts["step"].lower(state, batch).compile(compiler_options)
+    compiled = training.step.lower(state, batch).compile(compiler_options)
     return memory_figures(compiled), time.perf_counter() - t0
-
-
-def random_batch(cfg: Any, spec: dict[str, jax.ShapeDtypeStruct], rng: np.random.Generator) -> dict:
-    """Random normal crops with real iBOT masks, the shapes of one global batch."""
-    return collate(
-        rng.standard_normal(spec["global_crops"].shape, np.float32),
-        rng.standard_normal(spec["local_crops"].shape, np.float32),
-        rng,
-        cfg,
-    )
 
 
 def _print_memory(figures: dict[str, int]) -> None:
@@ -196,16 +141,16 @@ def _print_memory(figures: dict[str, int]) -> None:
     print(f"peak (argument + output + temp - alias): {figures['peak'] / GIB:.4f} GiB per device")
 
 
-def _summary(cfg: Any, parts: dict[str, Any], mesh_axes: dict[str, int], rules_name: str) -> str:
-    vit = parts["model_cfg"].backbone
+def _summary(cfg: Any, training: Training, mesh_axes: dict[str, int], rules_name: str) -> str:
+    vit = training.model_cfg.backbone
     c = cfg.crops
-    groups = parts["spec"]["global_crops"].shape[0]
+    groups = training.batch_spec["global_crops"].shape[0]
     return (
         f"config: {cfg.model.arch}/{vit.patch_size} (embed {vit.embed_dim}, depth {vit.depth}) global batch"
         f" {cfg.train.global_batch_size} in {groups} group(s), crops 2x{c.global_crops_size} +"
         f" {c.local_crops_number}x{c.local_crops_size}, dtype {vit.dtype}, remat {vit.remat},"
         f" attention {vit.attention_impl or 'default (XLA)'},"
-        f" mesh {dict(parts['mesh'].shape)} (from {mesh_axes}), rules {rules_name}"
+        f" mesh {dict(training.mesh.shape)} (from {mesh_axes}), rules {rules_name}"
     )
 
 
@@ -223,26 +168,26 @@ def main(argv):
     print(f"device: {device.device_kind} ({device.platform}, {jax.device_count()} device(s) visible)")
     print(f"jax {jax.__version__}")
 
-    parts = build(cfg, mesh_axes, rules_name)
-    print(_summary(cfg, parts, mesh_axes, rules_name))
-    print(f"params: {count_params(parts['abstract_state'].student) / 1e6:.1f} M (student)")
+    training = build_training(cfg, mesh_axes, rules_name)
+    print(_summary(cfg, training, mesh_axes, rules_name))
+    print(f"params: {count_params(training.abstract_state.student) / 1e6:.1f} M (student)")
     if _MEMORY_ONLY.value:
-        figures, compile_s = compile_abstract(parts)
+        figures, compile_s = compile_abstract(training)
         print(f"compile (abstract inputs, nothing allocated): {compile_s:.1f} s")
         _print_memory(figures)
         return
 
     t0 = time.perf_counter()
-    state, _ = state_lib.create_state(
-        parts["model_cfg"], parts["optimizer"], parts["rules"], parts["mesh"], cfg.train.seed
-    )
+    state = training.init_state()
     jax.block_until_ready(state)
     print(f"state created in {time.perf_counter() - t0:.1f} s")
     rng = np.random.default_rng(cfg.train.seed)
-    batches = [jax.device_put(random_batch(cfg, parts["spec"], rng), parts["batch_shardings"]) for _ in range(2)]
+    batches = [
+        jax.device_put(synthetic_batch(cfg, training.batch_spec, rng), training.batch_shardings) for _ in range(2)
+    ]
 
     t0 = time.perf_counter()
-    compiled = parts["step"].lower(state, batches[0]).compile()
+    compiled = training.step.lower(state, batches[0]).compile()
     print(f"compile: {time.perf_counter() - t0:.1f} s")
     _print_memory(memory_figures(compiled))
 
@@ -259,7 +204,7 @@ def main(argv):
     step_s = statistics.median(times)
     flops = flops_lib.train_flops_per_image(cfg)["total"]
     images_per_s = cfg.train.global_batch_size / step_s
-    tflops = flops * images_per_s / parts["mesh"].size / 1e12
+    tflops = flops * images_per_s / training.mesh.size / 1e12
     peak = _PEAK.value or default_peak_tflops(device.device_kind)
     print(f"model FLOPs per image: {flops / 1e9:.2f} GFLOP (teacher fwd, student fwd + bwd, heads)")
     print(

@@ -85,38 +85,15 @@ def equivalence_config():
 
 def setup_train(cfg, mesh_axes, rules, devices=None):
     """(state, compiled step, batch spec, batch shardings) for a config on a mesh."""
-    from chexfound_jax.models import abstract_params
-    from chexfound_jax.parallel import mesh as mesh_lib
-    from chexfound_jax.parallel import sharding
-    from chexfound_jax.ssl.schedules import Schedules
-    from chexfound_jax.train import optimizer as optimizer_lib
-    from chexfound_jax.train import recipe
-    from chexfound_jax.train import state as state_lib
-    from chexfound_jax.train import step as step_lib
+    from chexfound_jax.train.setup import build_training
 
-    model_cfg = recipe.model_config(cfg)
-    schedules = Schedules.from_config(recipe.schedule_config(cfg))
-    optimizer = optimizer_lib.make_optimizer(abstract_params(model_cfg), schedules, cfg.optim)
-    mesh = mesh_lib.create_mesh(mesh_axes, devices)
-    rules = sharding.resolve_rules(rules)
-    state, shardings = state_lib.create_state(model_cfg, optimizer, rules, mesh, seed=cfg.train.seed)
-    spec = recipe.batch_spec(cfg, cfg.train.batch_groups)
-    batch_shardings = sharding.tree_shardings(recipe.batch_logical_axes(spec), spec, rules, mesh)
-    step = step_lib.make_train_step(cfg, model_cfg, optimizer, schedules)
-    return state, step_lib.compile_train_step(step, shardings, batch_shardings, mesh), spec, batch_shardings
+    training = build_training(cfg, mesh_axes, rules, devices)
+    return training.init_state(), training.step, training.batch_spec, training.batch_shardings
 
 
 def random_batches(cfg, spec, n, seed=0):
     """n global batches of random-normal crops with real iBOT masks (same for every caller)."""
-    from chexfound_jax.data.collate import collate
+    from chexfound_jax.data.collate import synthetic_batch
 
     rng = np.random.default_rng(seed)
-    return [
-        collate(
-            rng.standard_normal(spec["global_crops"].shape, np.float32),
-            rng.standard_normal(spec["local_crops"].shape, np.float32),
-            rng,
-            cfg,
-        )
-        for _ in range(n)
-    ]
+    return [synthetic_batch(cfg, spec, rng) for _ in range(n)]

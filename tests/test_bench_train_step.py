@@ -4,6 +4,7 @@ import jax
 import pytest
 
 from bench import train_step
+from chexfound_jax.train.setup import build_training
 from configs.pretrain import tiny_cpu
 
 # LLVM at -O0: half the CPU compile time, the same buffer assignment.
@@ -14,8 +15,8 @@ def _memory(remat: bool) -> dict[str, int]:
     cfg = tiny_cpu.get_config()
     cfg.model.remat = remat
     cfg.train.update(global_batch_size=8, batch_groups=1)
-    parts = train_step.build(cfg, {"data": 1}, "data_parallel", devices=jax.devices()[:1])
-    figures, _ = train_step.compile_abstract(parts, FAST_COMPILE)
+    training = build_training(cfg, {"data": 1}, "data_parallel", devices=jax.devices()[:1])
+    figures, _ = train_step.compile_abstract(training, FAST_COMPILE)
     return figures
 
 

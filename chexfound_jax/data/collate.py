@@ -30,3 +30,13 @@ def collate(global_crops: np.ndarray, local_crops: np.ndarray, rng: np.random.Ge
     batch["global_crops"] = np.asarray(global_crops, np.float32)
     batch["local_crops"] = np.asarray(local_crops, np.float32)
     return batch
+
+
+def synthetic_batch(cfg: Any, spec: dict, rng: np.random.Generator) -> dict:
+    """Random-normal crops with real iBOT masks, shaped like one global batch (benchmarks, tests)."""
+    return collate(
+        rng.standard_normal(spec["global_crops"].shape, np.float32),
+        rng.standard_normal(spec["local_crops"].shape, np.float32),
+        rng,
+        cfg,
+    )

@@ -77,12 +77,3 @@ def state_shardings(
         rng=replicated,
         centers=jax.tree.map(lambda _: replicated, abstract.centers),
     )
-
-
-def create_state(
-    model_cfg: ModelConfig, optimizer: optax.GradientTransformation, rules: Any, mesh: Mesh, seed: int
-) -> tuple[TrainState, TrainState]:
-    """(state, shardings): the state is built inside jit, straight into its sharded layout."""
-    init = lambda: init_state(model_cfg, optimizer, seed)
-    shardings = state_shardings(jax.eval_shape(init), model_cfg, optimizer, rules, mesh)
-    return jax.jit(init, out_shardings=shardings)(), shardings
