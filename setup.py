@@ -29,9 +29,11 @@ setup(
         "etils[epath]>=1.15,<2",
         "pillow>=11,<14",
         "absl-py>=2,<3",
+        "tqdm>=4.60,<5",
     ],
     extras_require={
         "torch": ["torch>=2.4", "safetensors>=0.4,<1"],
         "test": ["pytest>=8,<10", "ruff>=0.15,<1", "timm>=1.0.20,<2"],
+        "beam": ["apache-beam>=2.60,<3"],
     },
 )

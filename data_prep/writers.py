@@ -381,7 +381,7 @@ def write_dataset_info(
         metadata=meta,
         **info_kwargs,
     )
-    with contextlib.suppress(OSError):  # the staging directory, if no killed writer left files in it
+    with contextlib.suppress(OSError, ValueError):  # the staging dir, if no killed writer left files in it
         (ds_dir / INCOMPLETE_DIR).rmdir()
 
 

@@ -87,6 +87,7 @@ class Source(abc.ABC):
             self.views = frozenset(v.upper() for v in views)
         self.keep_unknown_view = self.KEEP_UNKNOWN_VIEW if keep_unknown_view is None else keep_unknown_view
         self.missing: list[SourceItem] = []
+        self.view_filtered = 0  # listed images dropped by the view filter in the last items() pass
 
     @abc.abstractmethod
     def candidates(self) -> Iterator[SourceItem]:
@@ -100,10 +101,15 @@ class Source(abc.ABC):
         return view.upper() in self.views
 
     def items(self) -> Iterator[SourceItem]:
-        """Listed images of the allowed views whose file exists; the absent ones go to `self.missing`."""
+        """Listed images of the allowed views whose file exists; the absent ones go to `self.missing`.
+
+        Every candidate is accounted for: yielded, counted in `view_filtered`, or kept in `missing`.
+        """
         self.missing = []
+        self.view_filtered = 0
         for item in self.candidates():
             if not self.keep_view(item.view_position):
+                self.view_filtered += 1
                 continue
             if self.exists(item):
                 yield item

@@ -1,0 +1,142 @@
+r"""Build one source's training shards: chest X-ray archive in, deduplicated TFDS dataset out.
+
+  python -m data_prep.build --source=nih_cxr14 --input=/data/nih --output=/data/cxr1m \
+      [--metadata=DIR] [--size=512] [--format=array_record|tfrecord] [--runner=local|beam] [--workers=N]
+
+writes `<output>/<source>/1.0.0/` (shards, dataset_info.json, metadata.json with the label order,
+manifest.json with the counts, failures.csv, hashes.csv). Build the sources of CXR-1M one after the
+other, each with `--dedup_against` naming the datasets built before it, to drop images that several
+archives share. A killed local build resumes when rerun with the same flags. On Beam, runner settings
+go in --beam_args, e.g. --beam_args="--runner=DataflowRunner --project=P --region=R --temp_location=gs://..."
+(local and gs:// paths both work).
+"""
+
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+from data_prep import pipeline, quality
+from data_prep.sources import SOURCES, get_source
+
+_SOURCE = flags.DEFINE_enum("source", None, sorted(SOURCES), "Dataset adapter.")
+_INPUT = flags.DEFINE_string("input", None, "Root of the downloaded release (local or gs://).")
+_METADATA = flags.DEFINE_string("metadata", None, "Directory of the release's metadata CSVs (default: --input).")
+_OUTPUT = flags.DEFINE_string("output", None, "Output root; the dataset goes to <output>/<name>/1.0.0.")
+_NAME = flags.DEFINE_string("name", None, "Dataset name (default: the source name).")
+_SIZE = flags.DEFINE_integer("size", 512, "Shorter side of the stored images, in pixels.", lower_bound=1)
+_DTYPE = flags.DEFINE_enum("dtype", "uint8", ["uint8", "uint16"], "Stored pixel type.")
+_FORMAT = flags.DEFINE_enum("format", "array_record", ["array_record", "tfrecord"], "Shard file format.")
+_RUNNER = flags.DEFINE_enum("runner", "local", ["local", "beam"], "Where the work runs.")
+_WORKERS = flags.DEFINE_integer("workers", None, "Local worker processes (default: CPU count; 1 = in process).")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 64, "Items per local work unit (resume granularity).", lower_bound=1)
+_RECORDS_PER_SHARD = flags.DEFINE_integer("records_per_shard", 1024, "Target records per shard.", lower_bound=1)
+_VIEWS = flags.DEFINE_string("views", "frontal", "'frontal', 'all', or comma-separated view positions (PA,AP,LL).")
+_MODALITIES = flags.DEFINE_string(
+    "modalities", ",".join(quality.DEFAULT_MODALITIES), "Accepted DICOM modalities, comma-separated, or 'all'."
+)
+_CHEST_ONLY = flags.DEFINE_bool("chest_only", True, "Reject DICOMs whose header names non-chest anatomy.")
+_MIN_SIZE = flags.DEFINE_integer("min_size", quality.MIN_SIZE, "Reject images with a shorter side below this.")
+_NOISE = flags.DEFINE_float("noise_threshold", quality.NOISE_CORRELATION, "Reject below this neighbour correlation.")
+_DEDUP = flags.DEFINE_bool("dedup", True, "Drop exact and near duplicates (first seen wins).")
+_NEAR_BITS = flags.DEFINE_integer(
+    "near_duplicate_bits", quality.NEAR_DUPLICATE_BITS, "Perceptual-hash Hamming distance still called a duplicate."
+)
+_COMPRESS = flags.DEFINE_integer("compress_level", 6, "PNG zlib level of the stored images (0-9).")
+_DEDUP_AGAINST = flags.DEFINE_list("dedup_against", [], "Datasets built before this one (their hashes.csv).")
+_SOURCE_OPTION = flags.DEFINE_multi_string(
+    "source_option", [], "Adapter option KEY=VALUE (VALUE parsed as JSON when it is JSON), e.g. csv=labels.csv."
+)
+_BEAM_ARGS = flags.DEFINE_string("beam_args", "", "Apache Beam pipeline options, as one shell-quoted string.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete an existing or unfinished build first.")
+_KEEP_WORK = flags.DEFINE_bool("keep_work", False, "Keep the .work staging directory after finishing.")
+flags.mark_flags_as_required(["source", "input", "output"])
+
+
+def parse_source_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE strings -> adapter keyword arguments (JSON values, else the raw string)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--source_option must be KEY=VALUE, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+def parse_views(views: str) -> str | list[str]:
+    return views if views in ("frontal", "all") else [v.strip() for v in views.split(",") if v.strip()]
+
+
+def parse_modalities(modalities: str) -> tuple[str, ...] | None:
+    if modalities.strip().lower() == "all":
+        return None
+    return tuple(m.strip().upper() for m in modalities.split(",") if m.strip())
+
+
+def summary(info: dict[str, Any]) -> str:
+    c = info["counts"]
+    rejected = ", ".join(f"{k} {v}" for k, v in c["rejected"].items()) or "none"
+    splits = ", ".join(f"{s} {v['written']} in {v['num_shards']} shards" for s, v in info["splits"].items())
+    return (
+        f"{info['name']}: listed {c['listed']} (view-filtered {c['view_filtered']}, missing {c['missing']}), "
+        f"seen {c['seen']}: written {c['written']}, duplicate {c['duplicate']}, "
+        f"near-duplicate {c['near_duplicate']}, failed {c['failed']}, rejected: {rejected}\n"
+        f"  splits: {splits or 'none'}"
+    )
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    options = pipeline.PrepOptions(
+        size=_SIZE.value,
+        dtype=_DTYPE.value,
+        file_format=_FORMAT.value,
+        allowed_modalities=parse_modalities(_MODALITIES.value),
+        chest_only=_CHEST_ONLY.value,
+        min_size=_MIN_SIZE.value,
+        noise_threshold=_NOISE.value,
+        compress_level=_COMPRESS.value,
+        deduplicate=_DEDUP.value,
+        near_duplicate_bits=_NEAR_BITS.value,
+        records_per_shard=_RECORDS_PER_SHARD.value,
+    )
+    source = get_source(
+        _SOURCE.value,
+        _INPUT.value,
+        _METADATA.value,
+        views=parse_views(_VIEWS.value),
+        **parse_source_options(_SOURCE_OPTION.value),
+    )
+    common = {"name": _NAME.value, "dedup_against": _DEDUP_AGAINST.value, "overwrite": _OVERWRITE.value}
+    if _RUNNER.value == "beam":
+        from data_prep import beam_runner
+
+        beam_args = shlex.split(_BEAM_ARGS.value)
+        info = beam_runner.run_beam(
+            source, _OUTPUT.value, options, beam_args=beam_args, keep_work=_KEEP_WORK.value, **common
+        )
+    else:
+        from data_prep import local_runner
+
+        info = local_runner.run_local(
+            source,
+            _OUTPUT.value,
+            options,
+            workers=_WORKERS.value,
+            chunk_size=_CHUNK_SIZE.value,
+            keep_work=_KEEP_WORK.value,
+            **common,
+        )
+    print(summary(info), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    app.run(main)
