@@ -105,7 +105,7 @@ class SplitCount:
 def split_counts(ds_dir: epath.PathLike) -> dict[str, SplitCount]:
     """{split: SplitCount} from the shard files; raises ValueError naming an unfinished split."""
     ds_dir = epath.Path(ds_dir)
-    layout = writers._finished_splits(ds_dir)  # raises on missing shards or mixed layouts
+    layout = writers.finished_splits(ds_dir)  # raises on missing shards or mixed layouts
     paths = {split: writers.shard_paths(ds_dir, split, n, fmt) for split, (fmt, n) in sorted(layout.items())}
     flat = [p for ps in paths.values() for p in ps]
     with futures.ThreadPoolExecutor(min(_COUNT_THREADS, len(flat))) as pool:

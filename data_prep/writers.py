@@ -316,7 +316,7 @@ def write_split(
 # --- dataset metadata ------------------------------------------------------------------------------
 
 
-def _finished_splits(ds_dir: epath.Path) -> dict[str, tuple[FileFormat, int]]:
+def finished_splits(ds_dir: epath.Path) -> dict[str, tuple[FileFormat, int]]:
     """{split: (format, num_shards)} from the finished shard names; refuses splits with missing shards."""
     template = _template(ds_dir)
     found: dict[str, dict[tuple[str, int], set[int]]] = {}
@@ -359,7 +359,7 @@ def write_dataset_info(
     go to tfds.core.DatasetInfo.
     """
     ds_dir = epath.Path(ds_dir)
-    splits = _finished_splits(ds_dir)
+    splits = finished_splits(ds_dir)
     split_infos = []
     for split, (fmt, n) in sorted(splits.items()):
         paths = shard_paths(ds_dir, split, n, fmt)

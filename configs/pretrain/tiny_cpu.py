@@ -17,5 +17,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.update(global_batch_size=16, batch_groups=8)
     c.optim.update(epochs=2, epoch_length=25, warmup_epochs=1, freeze_last_layer_epochs=0)
     c.teacher.update(warmup_teacher_temp_epochs=1)
+    c.data.update(num_workers=0, read_threads=2, read_buffer=8)
     c.parallel = dict(mesh=dict(data=-1, fsdp=1), rules="data_parallel")
     return c

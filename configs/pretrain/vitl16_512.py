@@ -57,6 +57,18 @@ def get_config() -> ml_collections.ConfigDict:
         center_momentum=0.9,
         seed=0,
     )
+    c.data = dict(
+        datasets=(),  # data_prep dataset directories (<output>/<name>/<version>), local or gs://
+        split="train",
+        seed=0,
+        photometric="device",  # "device": jitter/blur/solarize in JAX on the accelerator; "host": in workers
+        skip_bad_records=False,  # True: a record that does not decode is replaced by the next and counted
+        max_consecutive_bad=16,
+        num_workers=8,  # grain worker processes per host (0: in the training process)
+        read_threads=16,
+        read_buffer=64,
+        device_prefetch=2,
+    )
     c.optim = dict(
         epochs=100,
         epoch_length=2500,  # OFFICIAL_EPOCH_LENGTH

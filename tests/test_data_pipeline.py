@@ -1,0 +1,202 @@
+"""grain input pipelines on real data_prep shards: determinism, exact resume, process sharding, layouts."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from chexfound_jax.data import augment, pipeline, preprocess
+from chexfound_jax.train import recipe
+from configs.pretrain import tiny_cpu
+from data_prep import local_runner, records, writers
+from data_prep import pipeline as prep
+from data_prep.sources import get_source
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERMANY = os.path.join(REPO, "tests", "data", "kermany")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> epath.Path:
+    """The 24 bundled Kermany X-rays as a data_prep dataset (96 px shorter side, 5 shards)."""
+    out = tmp_path_factory.mktemp("shards")
+    source = get_source(
+        "folder", KERMANY, csv="labels.csv", path_column="file", label_columns=["label"], source_name="kermany"
+    )
+    options = prep.PrepOptions(size=96, min_size=200, records_per_shard=5)
+    local_runner.run_local(source, out, options, workers=1, progress=False)
+    return writers.dataset_dir(out, "kermany", prep.DATASET_VERSION)
+
+
+def config(dataset, **data):
+    cfg = tiny_cpu.get_config()
+    cfg.train.update(global_batch_size=8, batch_groups=4)
+    cfg.data.update(datasets=(os.fspath(dataset),), **data)
+    return cfg
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)
+
+
+def test_batch_layout_and_dtypes(dataset):
+    cfg = config(dataset)
+    layout = pipeline.train_layout(cfg, num_batch_shards=4, process_count=1)
+    batch = next(iter(pipeline.training_dataset(cfg, layout, process_index=0)))
+    b, g, s, n_local = 2, 64, 32, 2
+    assert batch["global_crops"].shape == (4, 2 * b, g, g) and batch["global_crops"].dtype == np.uint8
+    assert batch["local_crops"].shape == (4, n_local * b, s, s) and batch["local_crops"].dtype == np.uint8
+    spec = recipe.batch_spec(cfg, 4)
+    for k in ("masks", "mask_indices", "mask_weights", "mask_valid"):
+        assert batch[k].shape == spec[k].shape and batch[k].dtype == spec[k].dtype, k
+    assert batch["skipped"].shape == (4,) and not batch["skipped"].any()
+    # iBOT bookkeeping is consistent per group: indices point at masked tokens, weights 1/count.
+    for grp in range(4):
+        valid = batch["mask_valid"][grp]
+        flat = batch["masks"][grp].reshape(-1)
+        assert valid.sum() == flat.sum()
+        assert flat[batch["mask_indices"][grp][valid]].all()
+    finished = jax.jit(lambda x: pipeline.finish_on_device(x, cfg))(batch)
+    assert finished.keys() == set(recipe.BATCH_KEYS)
+    for k in recipe.BATCH_KEYS:
+        assert finished[k].shape == spec[k].shape and finished[k].dtype == spec[k].dtype, k
+    # Host photometry gives the train step's float crops directly.
+    host = next(iter(pipeline.training_dataset(config(dataset, photometric="host"), layout, process_index=0)))
+    assert host["global_crops"].shape == spec["global_crops"].shape and host["global_crops"].dtype == np.float32
+
+
+def test_crop_major_layout_matches_the_official_collate():
+    per_image = np.arange(3 * 2).reshape(3, 2)  # 3 images x 2 crops: value 2 * image + crop
+    assert pipeline._crop_major(per_image).tolist() == [0, 2, 4, 1, 3, 5]  # crop 0 of every image, then crop 1
+
+
+def test_same_seed_same_batches_and_resume_is_exact(dataset):
+    cfg = config(dataset)
+    layout = pipeline.train_layout(cfg, num_batch_shards=4, process_count=1)
+    first = take(iter(pipeline.training_dataset(cfg, layout, process_index=0)), 5)
+    again = iter(pipeline.training_dataset(cfg, layout, process_index=0))
+    assert_batches_equal(take(again, 5), first)
+    other = next(iter(pipeline.training_dataset(config(dataset, seed=1), layout, process_index=0)))
+    assert not np.array_equal(other["global_crops"], first[0]["global_crops"])
+
+    it = iter(pipeline.training_dataset(cfg, layout, process_index=0))
+    take(it, 2)
+    state = it.get_state()
+    resumed = iter(pipeline.training_dataset(cfg, layout, process_index=0))
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 3), first[2:5])  # crosses the epoch boundary (24 records, 8 per batch)
+
+
+def test_resume_with_worker_processes(dataset):
+    cfg = config(dataset, num_workers=2)
+    layout = pipeline.train_layout(cfg, num_batch_shards=4, process_count=1)
+    single = take(iter(pipeline.training_dataset(cfg, layout, process_index=0, num_workers=0)), 4)
+    it = iter(pipeline.training_dataset(cfg, layout, process_index=0))
+    assert_batches_equal(take(it, 2), single[:2])  # workers do not change the batches
+    state = it.get_state()
+    resumed = iter(pipeline.training_dataset(cfg, layout, process_index=0))
+    resumed.set_state(state)
+    assert_batches_equal(take(resumed, 2), single[2:4])
+
+
+def test_processes_read_disjoint_records_covering_each_epoch():
+    n, procs = 23, 3
+    orders = [pipeline.record_order(n, 7, p, procs) for p in range(procs)]
+    per_epoch = [-(-(n - p) // procs) for p in range(procs)]
+    for epoch in range(2):
+        seen = [[int(o[epoch * k + i]) for i in range(k)] for o, k in zip(orders, per_epoch)]
+        flat = [r for s in seen for r in s]
+        assert sorted(flat) == list(range(n)), epoch  # disjoint and covering
+    assert [int(orders[0][i]) for i in range(per_epoch[0])] != [
+        int(orders[0][per_epoch[0] + i]) for i in range(per_epoch[0])
+    ]  # reshuffled per epoch
+
+
+def test_global_arrays_on_eight_devices(dataset):
+    from chexfound_jax.train.setup import build_training
+
+    cfg = config(dataset)
+    training = build_training(cfg, {"data": 4, "fsdp": 2}, "fsdp")
+    layout = pipeline.train_layout(cfg, num_batch_shards=4, process_count=1)
+    ds = pipeline.training_dataset(cfg, layout, process_index=0)
+    local = next(iter(ds))
+    shardings = pipeline.data_shardings(local, training.batch_shardings["global_crops"])
+    it = pipeline.DeviceIterator(ds, shardings)
+    batch, local_again = next(it)
+    assert_batches_equal([local_again], [local])
+    for k, v in batch.items():
+        assert v.shape == local[k].shape and v.sharding == shardings[k], k
+        assert len(v.addressable_shards) == 8
+    finished = jax.jit(lambda x: pipeline.finish_on_device(x, cfg))(batch)
+    assert finished["global_crops"].shape == training.batch_spec["global_crops"].shape
+    # The prefetching thread reads ahead, but the state is the position after what was returned.
+    next(it)
+    state = it.get_state()
+    third, _ = next(it)
+    it.set_state(state)
+    again, _ = next(it)
+    np.testing.assert_array_equal(np.asarray(again["global_crops"]), np.asarray(third["global_crops"]))
+    it.close()
+
+
+def bad_dataset(tmp_path, good: epath.Path) -> epath.Path:
+    """A copy of `good` whose record 3 (round robin: shard 3, record 0) is garbage."""
+    files = pipeline.shard_files(good, "train")
+    src = pipeline.ShardedSource([good], "train")
+    data = [src[i] for i in range(len(src))]
+    data[3] = b"not a record"
+    ds_dir = writers.dataset_dir(tmp_path, "broken")
+    writers.write_split(data, lambda r: r, ds_dir=ds_dir, split="train", num_shards=len(files))
+    writers.write_dataset_info(ds_dir, features=records.record_features())
+    return ds_dir
+
+
+def test_bad_record_is_named_or_skipped_and_counted(dataset, tmp_path):
+    broken = bad_dataset(tmp_path, dataset)
+    cfg = config(broken)
+    layout = pipeline.train_layout(cfg, num_batch_shards=4, process_count=1)
+    with pytest.raises(pipeline.BadRecordError, match=r"broken-train\.array_record-00003-of-00005 record 0"):
+        take(iter(pipeline.training_dataset(cfg, layout, process_index=0)), 3)  # one epoch reads every record
+    skipping = iter(pipeline.training_dataset(config(broken, skip_bad_records=True), layout, process_index=0))
+    batches = take(skipping, 3)
+    assert sum(int(b["skipped"].sum()) for b in batches) == 1
+    assert all(b["global_crops"].shape == batches[0]["global_crops"].shape for b in batches)
+
+
+def test_eval_pipeline_is_ordered_padded_and_matches_preprocess(dataset):
+    source = pipeline.ShardedSource([dataset], "train")
+    ds = pipeline.eval_dataset([dataset], "train", batch_size=5, resize_size=80, crop_size=64)
+    batches = [ds[i] for i in range(len(ds))]
+    assert len(batches) == 5  # 24 records -> 25 slots
+    index = np.concatenate([b["index"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert index[:24].tolist() == list(range(24)) and index[24] == -1
+    assert valid[:24].all() and not valid[24]
+    rec = records.decode_record(source[7])
+    from PIL import Image
+
+    want = preprocess.preprocess_image(Image.fromarray(rec["image"]).convert("RGB"), resize_size=80, crop_size=64)
+    np.testing.assert_array_equal(batches[1]["image"][2], want)
+    np.testing.assert_array_equal(batches[1]["labels"][2], rec["labels"])
+    assert np.isnan(batches[4]["labels"][4]).all()
+    # Two processes split the padded list: disjoint, same number of batches each.
+    halves = [pipeline.eval_dataset([dataset], "train", batch_size=4, process_index=p, process_count=2) for p in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) == 3
+    got = sorted(int(i) for h in halves for k in range(len(h)) for i in h[k]["index"] if i >= 0)
+    assert got == list(range(24))
+
+
+def test_augment_config_follows_the_config(dataset):
+    cfg = config(dataset)
+    aug = augment.AugmentConfig.from_config(cfg)
+    assert (aug.global_crops_size, aug.local_crops_size, aug.local_crops_number) == (64, 32, 2)
