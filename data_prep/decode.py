@@ -9,7 +9,9 @@ Little Endian by default) -> header gates (pixel data present and not cut short,
 anatomy, single frame) -> pixel decode (pydicom's native and RLE decoders, pylibjpeg-libjpeg,
 -openjpeg and -rle: every transfer syntax they read) -> pixel gates (blank, noise) -> Modality LUT
 or rescale -> VOI -> polarity -> size gate. The result is float32 in [0, 1]; `to_output` makes the
-uint8/uint16 image with the shorter side resized (antialiased, Lanczos) to N. Gates run cheapest
+uint8/uint16 image with the shorter side resized (antialiased, Lanczos) to N. Integer pixels of up to
+16 bits go through the display steps as a table of the values they can take (`PixelTable`): the
+same pixels as the steps computed per pixel, in a fraction of the time. Gates run cheapest
 first and a file fails on the first that applies (the 12-bit JPEG Extended hip file: body_part;
 decode_error once the anatomy gate is off).
 
@@ -48,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -229,36 +231,94 @@ def window_unit(values: np.ndarray, center: float, width: float, function: str =
     return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def window_coverage(values: np.ndarray, center: float, width: float) -> float:
-    """Fraction of pixel values strictly inside the window: ~0 when the window misses the image."""
-    return float(np.mean((values > center - width / 2) & (values < center + width / 2)))
+Counts = np.ndarray | Callable[[], np.ndarray] | None
 
 
-def percentile_window(values: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> tuple[float, float]:
-    """(center, width) spanning the given percentiles (the full range if those coincide)."""
-    lo, hi = np.percentile(values, percentiles)
+def _counts(counts: Counts) -> np.ndarray | None:
+    return counts() if callable(counts) else counts
+
+
+def window_coverage(values: np.ndarray, center: float, width: float, counts: Counts = None) -> float:
+    """Fraction of pixel values strictly inside the window: ~0 when the window misses the image.
+
+    With `counts`, `values` is a histogram: pixel value `values[i]` occurs `counts[i]` times (a
+    callable gives the counts when they are needed: not when all or none of `values` are inside).
+    """
+    inside = (values > center - width / 2) & (values < center + width / 2)
+    if counts is None:
+        return float(np.mean(inside))
+    if inside.all() or not inside.any():
+        return float(inside.all())
+    hist = _counts(counts)
+    return int(hist[inside].sum()) / int(hist.sum())
+
+
+def _sorted_percentiles(values: np.ndarray, cumulative: np.ndarray, percentiles: Sequence[float]) -> list[float]:
+    """np.percentile (method "linear") of the array that repeats sorted `values[i]` until the running
+    count `cumulative[i]`: the same order statistics and the same interpolation arithmetic as
+    numpy's `_quantile`/`_lerp`, so the result is bit-identical to np.percentile of the full array."""
+    n = int(cumulative[-1])
+    out = []
+    for virtual in (n - 1) * np.true_divide(np.asarray(percentiles, dtype=np.float64), 100):
+        if virtual >= n - 1:
+            prev = nxt = -1
+        elif virtual < 0:
+            prev = nxt = 0
+        else:
+            prev = int(np.floor(virtual))
+            nxt = prev + 1
+        gamma = virtual - prev
+        a, b = (values[np.searchsorted(cumulative, k % n, side="right")] for k in (prev, nxt))
+        diff = b - a
+        out.append(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
+    return out
+
+
+def percentile_window(
+    values: np.ndarray, percentiles: tuple[float, float] = PERCENTILES, counts: Counts = None
+) -> tuple[float, float]:
+    """(center, width) spanning the given percentiles (the full range if those coincide).
+
+    With `counts`, `values` is a histogram as in `window_coverage`; the window is the same as that of
+    the full array of pixel values.
+    """
+    if counts is None:
+        lo, hi = np.percentile(values, percentiles)
+        smallest, largest = (lambda: values.min()), (lambda: values.max())
+    else:
+        hist = _counts(counts)
+        present = hist > 0
+        order = np.argsort(values[present], kind="stable")  # the identity for a monotonic modality LUT
+        sorted_values, cumulative = values[present][order], np.cumsum(hist[present][order])
+        lo, hi = _sorted_percentiles(sorted_values, cumulative, percentiles)
+        smallest, largest = (lambda: sorted_values[0]), (lambda: sorted_values[-1])
     if hi <= lo:
-        lo, hi = float(values.min()), float(values.max())
+        lo, hi = float(smallest()), float(largest())
     return float(lo + hi) / 2, float(max(hi - lo, 1e-6))
 
 
 def apply_voi_rule(
-    values: np.ndarray, ds: Dataset, percentiles: tuple[float, float] = PERCENTILES
+    values: np.ndarray, ds: Dataset, percentiles: tuple[float, float] = PERCENTILES, counts: Counts = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Modality values -> [0, 1] by the module's VOI rule, with what was used and whether it was stale."""
+    """Modality values -> [0, 1] by the module's VOI rule, with what was used and whether it was stale.
+
+    Pointwise on `values`; the statistics (window coverage, percentiles, VOI LUT maximum) are those of
+    the pixels, which `counts` describes when `values` is a histogram (see `window_coverage`).
+    """
     if "VOILUTSequence" in ds:
         out = np.asarray(apply_voi(np.round(values).astype(np.int64), ds, index=0), np.float64)
-        top = 2 ** max(1, int(out.max()).bit_length()) - 1  # LUT descriptors often overstate the bits
+        present = out if counts is None else out[_counts(counts) > 0]
+        top = 2 ** max(1, int(present.max()).bit_length()) - 1  # LUT descriptors often overstate the bits
         return np.clip(out / top, 0, 1), {"window_source": "voi_lut_sequence", "window": None, "stale_window": False}
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
     stale = False
     if center is not None and width is not None and width > 0:
-        if window_coverage(values, center, width) >= MIN_WINDOW_COVERAGE:
+        if window_coverage(values, center, width, counts) >= MIN_WINDOW_COVERAGE:
             info = {"window_source": "header", "window": (center, width), "stale_window": False}
             return window_unit(values, center, width, function), info
         stale = True
-    center, width = percentile_window(values, percentiles)
+    center, width = percentile_window(values, percentiles, counts)
     info = {"window_source": "percentile", "window": (center, width), "stale_window": stale}
     return window_unit(values, center, width, "LINEAR_EXACT"), info
 
@@ -288,9 +348,13 @@ def _text(ds: Dataset, key: str) -> str | None:
     return (str(value).strip() or None) if value is not None else None
 
 
+def _intensity_sign(ds: Dataset) -> int | None:
+    sign = ds.get("PixelIntensityRelationshipSign")
+    return int(sign) if sign is not None else None
+
+
 def dicom_metadata(ds: Dataset, name: str, source: str) -> dict[str, Any]:
     """Provenance and geometry from the header (None where unknown)."""
-    sign = ds.get("PixelIntensityRelationshipSign")
     return {
         "source": source,
         "path": name,
@@ -305,7 +369,7 @@ def dicom_metadata(ds: Dataset, name: str, source: str) -> dict[str, Any]:
         "view_position": _text(ds, "ViewPosition"),
         "photometric": _text(ds, "PhotometricInterpretation"),
         "presentation_lut_shape": _text(ds, "PresentationLUTShape"),
-        "intensity_sign": int(sign) if sign is not None else None,
+        "intensity_sign": _intensity_sign(ds),
         "bits_stored": int(ds.get("BitsStored", ds.get("BitsAllocated", 0)) or 0),
         "original_size": (int(ds.Rows), int(ds.Columns)),
         "pixel_spacing": _spacing(ds),
@@ -328,6 +392,80 @@ def size_gate(shape: tuple[int, ...], name: str, min_size: int) -> None:
         raise Rejected("too_small", f"{name}: {shape[0]}x{shape[1]} below {min_size} px on the shorter side")
 
 
+class PixelTable:
+    """Integer pixels of up to 16 bits as indices into a table of the values they can take.
+
+    `index` is the stored array viewed as unsigned (no copy); `values` holds the float64 modality
+    value of every stored value from the smallest to the largest present, and `positions` where each
+    sits in a full 2**bits table. Every pointwise step of the display transform (Modality LUT, VOI,
+    polarity) then runs on at most 65536 table entries instead of millions of pixels, and one
+    gather (`lookup`) makes the image. The statistics of the VOI rule (window coverage,
+    percentiles) come from the pixel count of every entry (`counts`, computed only when needed), so
+    everything is bit-identical to the same steps on the full array of pixel values.
+    """
+
+    def __init__(self, stored: np.ndarray, ds: Dataset):
+        unsigned = np.dtype(f"u{stored.dtype.itemsize}")
+        self.index = stored.view(unsigned)
+        self.size = 2 ** (8 * stored.dtype.itemsize)
+        domain = np.arange(int(stored.min()), int(stored.max()) + 1).astype(stored.dtype)
+        self.positions = domain.view(unsigned)
+        self.values = np.asarray(apply_modality_lut(domain, ds), np.float64)
+        self._counts: np.ndarray | None = None
+
+    @staticmethod
+    def applies(stored: np.ndarray) -> bool:
+        return stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2 and stored.dtype.isnative and stored.size > 0
+
+    def counts(self) -> np.ndarray:
+        """How many pixels hold each of `values` (one bincount over the image, on first call)."""
+        if self._counts is None:
+            flat = self.index.reshape(-1)
+            hist = np.zeros(self.size, np.int64)
+            for i in range(0, flat.size, _BINCOUNT_CHUNK):  # chunks: bincount's intp copy stays in cache
+                hist += np.bincount(flat[i : i + _BINCOUNT_CHUNK], minlength=self.size)
+            self._counts = hist[self.positions]
+        return self._counts
+
+    def lookup(self, table: np.ndarray) -> np.ndarray:
+        """The image whose pixel holding `values[i]` is `table[i]`."""
+        full = np.zeros(self.size, table.dtype)
+        full[self.positions] = table
+        out = np.empty(self.index.shape, table.dtype)
+        step = max(1, _LOOKUP_CHUNK // max(1, self.index.shape[-1]))
+        for r0 in range(0, self.index.shape[0], step):  # chunks: take's intp copy of the indices stays in cache
+            np.take(full, self.index[r0 : r0 + step], mode="clip", out=out[r0 : r0 + step])
+        return out
+
+
+# Elements per chunk of the table lookup and the pixel count (measured: about 1.6 and 1.4 times
+# faster than one call over a 3.6 Mpixel image).
+_LOOKUP_CHUNK = 1 << 17
+_BINCOUNT_CHUNK = 1 << 19
+
+
+def display_pixels(
+    stored: np.ndarray, ds: Dataset, percentiles: tuple[float, float] = PERCENTILES
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Stored values -> display pixels (float32 in [0, 1], bright bone): Modality LUT or rescale, the
+    VOI rule, then the polarity rule; with what was decided (window and polarity sources)."""
+    if PixelTable.applies(stored):
+        table = PixelTable(stored, ds)
+        unit, voi = apply_voi_rule(table.values, ds, percentiles, counts=table.counts)
+    else:
+        table = None
+        unit, voi = apply_voi_rule(np.asarray(apply_modality_lut(stored, ds), np.float64), ds, percentiles)
+    inverted, polarity_source = display_inverted(
+        _text(ds, "PhotometricInterpretation") or "",
+        _text(ds, "PresentationLUTShape") or "",
+        _intensity_sign(ds),
+        voi["stale_window"],
+    )
+    unit = (1.0 - unit if inverted else unit).astype(np.float32)
+    pixels = unit if table is None else table.lookup(unit)
+    return pixels, voi | {"inverted": inverted, "polarity_source": polarity_source}
+
+
 def decode_dicom(
     src: PathOrBytes,
     *,
@@ -347,19 +485,12 @@ def decode_dicom(
         check_header(ds, name, allowed, chest_only)
         stored = decode_pixels(ds, name)
         corr = pixel_gates(stored, name, noise_threshold)
-        values = np.asarray(apply_modality_lut(stored, ds), np.float64)
-        unit, voi = apply_voi_rule(values, ds, percentiles)
+        pixels, display = display_pixels(stored, ds, percentiles)
         meta = dicom_metadata(ds, name, source)
     except (AttributeError, KeyError, TypeError, ValueError) as e:  # malformed header values
         raise Rejected("decode_error", f"{name}: malformed header ({type(e).__name__}: {e})") from e
-    inverted, polarity_source = display_inverted(
-        meta["photometric"] or "", meta["presentation_lut_shape"] or "", meta["intensity_sign"], voi["stale_window"]
-    )
-    pixels = (1.0 - unit if inverted else unit).astype(np.float32)
     size_gate(pixels.shape, name, min_size)
-    meta |= voi | {
-        "inverted": inverted,
-        "polarity_source": polarity_source,
+    meta |= display | {
         "neighbour_correlation": round(corr, 4),
         "source_pixel_sha256": quality.pixel_sha256(stored),
     }
@@ -395,19 +526,10 @@ def decode_image(
 ) -> Decoded:
     """A PNG/JPEG radiograph (8/16-bit gray, or RGB with equal channels) -> Decoded, or Rejected."""
     name = os.fspath(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            fmt = (img.format or "").lower()
-            arr, bits = _image_array(img, name)
-    except Rejected:
-        raise
-    except Exception as e:
-        reason = "truncated" if "truncated" in str(e).lower() else "unreadable"
-        raise Rejected(reason, f"{name}: not readable as an image ({type(e).__name__}: {e})") from e
+    arr, bits, fmt = read_image(path)
     gray = _gray(arr, name, RGB_TOLERANCE * (2**bits - 1) / 255)
     corr = pixel_gates(gray, name, noise_threshold)
-    pixels = (np.asarray(gray, np.float64) / (2**bits - 1)).astype(np.float32)
+    pixels = unit_pixels(gray, bits)
     size_gate(pixels.shape, name, min_size)
     meta = dict.fromkeys(METADATA_KEYS) | {
         "source": source,
@@ -424,6 +546,30 @@ def decode_image(
         "source_pixel_sha256": quality.pixel_sha256(gray),
     }
     return Decoded(pixels, meta)
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, int, str]:
+    """(pixel array, bit depth, lower-case format) of a PNG/JPEG, or Rejected (unreadable / truncated)."""
+    name = os.fspath(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            fmt = (img.format or "").lower()
+            arr, bits = _image_array(img, name)
+    except Rejected:
+        raise
+    except Exception as e:
+        reason = "truncated" if "truncated" in str(e).lower() else "unreadable"
+        raise Rejected(reason, f"{name}: not readable as an image ({type(e).__name__}: {e})") from e
+    return arr, bits, fmt
+
+
+def unit_pixels(gray: np.ndarray, bits: int) -> np.ndarray:
+    """Gray values of a `bits`-deep image -> float32 in [0, 1] (a table lookup for integer pixels)."""
+    top = 2**bits - 1
+    if gray.dtype.kind in "iu" and bits <= 16:  # _image_array checked the values are in [0, top]
+        return (np.arange(top + 1, dtype=np.float64) / top).astype(np.float32)[gray]
+    return (np.asarray(gray, np.float64) / top).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- output
