@@ -35,9 +35,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data_prep import records, writers
 
-_SAMPLES = flags.DEFINE_integer("samples", 64, "Records drawn at random for the pictures and distributions.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the record sample (same seed, same sample).")
-_OUT = flags.DEFINE_string("out", None, "Output directory for the pictures and inspect.json; default: the dataset.")
+
+def define_flags() -> None:
+    """The CLI's flags, defined only when run as a program (library imports must not claim flag names)."""
+    flags.DEFINE_integer("samples", 64, "Records drawn at random for the pictures and distributions.")
+    flags.DEFINE_integer("seed", 0, "Seed of the record sample (same seed, same sample).")
+    flags.DEFINE_string("out", None, "Output directory for the pictures and inspect.json; default: the dataset.")
+
 
 CELL = 128  # contact sheet cell (px): thumbnails are resized so their longer side fills it
 GAP = 2  # white lines between cells, so neighbouring thumbnails stay apart
@@ -491,20 +495,19 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) < 2:
-        raise app.UsageError("no PATH given")
+def run(paths: list[str], samples: int = 64, seed: int = 0, out: str | None = None) -> None:
+    """Inspects every dataset under `paths`; exits non-zero naming each problem found."""
     try:
-        found = [ds for path in argv[1:] for ds in find_datasets(path)]
+        found = [ds for path in paths for ds in find_datasets(path)]
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"inspect: {e}")
     failed = []
     for ds_dir in found:
-        out_dir = ds_dir if _OUT.value is None else epath.Path(_OUT.value)
-        if _OUT.value is not None and len(found) > 1:  # one subdirectory each, so they do not overwrite each other
+        out_dir = ds_dir if out is None else epath.Path(out)
+        if out is not None and len(found) > 1:  # one subdirectory each, so they do not overwrite each other
             out_dir = out_dir / ds_dir.parent.name / ds_dir.name
         try:
-            report = inspect_dataset(ds_dir, out_dir, _SAMPLES.value, _SEED.value)
+            report = inspect_dataset(ds_dir, out_dir, samples, seed)
         except (FileNotFoundError, ValueError) as e:
             print(f"== {ds_dir}\n  ERROR: {e}")
             failed.append(f"{ds_dir}: {e}")
@@ -515,5 +518,12 @@ def main(argv: list[str]) -> None:
         sys.exit(f"inspect: {len(failed)} problem(s):\n  " + "\n  ".join(failed))
 
 
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        raise app.UsageError("no PATH given")
+    run(argv[1:], flags.FLAGS.samples, flags.FLAGS.seed, flags.FLAGS.out)
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,9 +1,14 @@
 """grain input pipelines on real data_prep shards: determinism, exact resume, process sharding, layouts."""
 
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
+import portpicker
 import pytest
 from etils import epath
 
@@ -131,7 +136,8 @@ def test_global_arrays_on_eight_devices(dataset):
     ds = pipeline.training_dataset(cfg, layout, process_index=0)
     local = next(iter(ds))
     shardings = pipeline.data_shardings(local, training.batch_shardings["global_crops"])
-    it = pipeline.DeviceIterator(ds, shardings)
+    assert pipeline.process_data_shard(shardings["global_crops"], 4) == (0, 1)
+    it = pipeline.DeviceIterator(ds, shardings, layout.groups)
     batch, local_again = next(it)
     assert_batches_equal([local_again], [local])
     for k, v in batch.items():
@@ -200,3 +206,36 @@ def test_augment_config_follows_the_config(dataset):
     cfg = config(dataset)
     aug = augment.AugmentConfig.from_config(cfg)
     assert (aug.global_crops_size, aug.local_crops_size, aug.local_crops_number) == (64, 32, 2)
+
+
+def test_two_processes_read_disjoint_halves_onto_one_mesh(dataset, tmp_path):
+    """Two local processes x 4 CPU devices: each reads its own records, batches land on the 8-device mesh."""
+    port = portpicker.pick_unused_port()
+    worker = pathlib.Path(__file__).parent / "multihost_data_worker.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)
+    outs = [tmp_path / f"p{i}.json" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(i), str(port), os.fspath(dataset), str(outs[i])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    reports = [json.loads(o.read_text()) for o in outs]
+    assert sorted(r["data_shard"] for r in reports) == [[0, 2], [1, 2]]
+    a, b = (set(r["records"][:12]) for r in reports)  # each process's first epoch: 12 of the 24 records
+    assert len(a) == 12 and not a & b and a | b == set(range(24))
+    cfg = config(dataset)
+    cfg.train.update(global_batch_size=16, batch_groups=8)
+    spec = recipe.batch_spec(cfg, 8)
+    for r in reports:
+        assert r["shapes"] == {k: list(v.shape) for k, v in spec.items()}
+        assert r["local_shapes"]["global_crops"] == [4, 4, 64, 64]  # half of the 8 groups, uint8 gray
+        assert r["addressable"] == 4
+    assert reports[0]["checksums"] == reports[1]["checksums"]  # one global array, reduced over both processes

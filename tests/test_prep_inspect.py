@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-from absl.testing import flagsaver
 from PIL import Image
 
 from data_prep import inspect as prep_inspect
@@ -354,8 +353,8 @@ def test_mismatch_exits_non_zero(built, tmp_path, capsys):
     manifest = json.loads((ds_dir / "manifest.json").read_text())
     manifest["counts"]["near_duplicate"] += 2
     (ds_dir / "manifest.json").write_text(json.dumps(manifest))
-    with flagsaver.flagsaver(samples=3, out=str(tmp_path / "pics")), pytest.raises(SystemExit) as exit_info:
-        prep_inspect.main(["inspect", str(ds_dir)])
+    with pytest.raises(SystemExit) as exit_info:
+        prep_inspect.run([str(ds_dir)], samples=3, out=str(tmp_path / "pics"))
     assert exit_info.value.code not in (0, None)
     assert "counts.seen=" in str(exit_info.value.code) and "near_duplicate=3" in str(exit_info.value.code)
     assert "DO NOT RECONCILE" in capsys.readouterr().out
@@ -366,5 +365,5 @@ def test_mismatch_exits_non_zero(built, tmp_path, capsys):
 
 def test_no_dataset_exits_naming_path(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        prep_inspect.main(["inspect", str(tmp_path)])
+        prep_inspect.run([str(tmp_path)])
     assert str(tmp_path) in str(exit_info.value.code)

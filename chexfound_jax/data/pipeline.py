@@ -116,9 +116,10 @@ class _Records(grain.MapDataset):
         if isinstance(k, slice):
             return self.slice(k)
         for skipped in range(self._max + 1):
+            record = int(self._order[k + skipped])
             try:
-                image, _ = decode_image(self._source, self._order[k + skipped])
-                return {"image": image, "skipped": skipped}
+                image, _ = decode_image(self._source, record)
+                return {"image": image, "record": record, "skipped": skipped}
             except BadRecordError:
                 if not self._skip:
                     raise
@@ -141,6 +142,21 @@ class TrainLayout:
         return self.groups // self.process_count
 
 
+def process_data_shard(sharding: jax.sharding.Sharding, groups: int) -> tuple[int, int]:
+    """(shard index, shard count) of the groups this process's devices hold under `sharding`.
+
+    Processes read records by data shard, not by process index: where the mesh replicates the group
+    axis across processes, those processes hold the same groups and must read the same records.
+    """
+    held = set()
+    for index in sharding.addressable_devices_indices_map((groups,)).values():
+        held.update(range(groups)[index[0]])
+    lo, size = min(held), len(held)
+    if held != set(range(lo, lo + size)) or groups % size or lo % size:
+        raise ValueError(f"this process holds groups {sorted(held)} of {groups}: not one aligned block")
+    return lo // size, groups // size
+
+
 def train_layout(cfg: Any, num_batch_shards: int, process_count: int | None = None) -> TrainLayout:
     process_count = jax.process_count() if process_count is None else process_count
     groups = recipe.batch_groups(cfg, num_batch_shards)
@@ -158,7 +174,7 @@ def record_order(num_records: int, seed: int, process_index: int, process_count:
 
 def _example(element: dict, rng: np.random.Generator, aug: augment.AugmentConfig, on_host: bool) -> dict:
     crops = augment.multi_crop(element["image"], rng, aug)
-    out = {"skipped": element["skipped"], "mask_seed": rng.integers(2**63)}
+    out = {"record": element["record"], "skipped": element["skipped"], "mask_seed": rng.integers(2**63)}
     for kind in ("global", "local"):
         pixels, params = crops[f"{kind}_crops"], crops[f"{kind}_params"]
         if on_host:
@@ -177,7 +193,7 @@ def _crop_major(x: np.ndarray) -> np.ndarray:
 def _group(examples: Sequence[dict], cfg: Any) -> dict:
     """b augmented images -> one group: crop-major crops, their parameters and the group's iBOT masks."""
     stacked = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    out = {k: _crop_major(v) for k, v in stacked.items() if k not in ("skipped", "mask_seed")}
+    out = {k: _crop_major(v) for k, v in stacked.items() if k not in ("record", "skipped", "mask_seed")}
     two_b = out["global_crops"].shape[0]
     grid = cfg.crops.global_crops_size // cfg.model.patch_size
     rng = np.random.default_rng(stacked["mask_seed"].astype(np.uint64).tolist())
@@ -191,13 +207,18 @@ def _group(examples: Sequence[dict], cfg: Any) -> dict:
     )
     out |= {k: masks[k] for k in MASK_KEYS}
     out["skipped"] = np.int32(stacked["skipped"].sum())
+    out["record_index"] = stacked["record"].astype(np.int64)  # provenance: which records the group holds
     return out
 
 
 def training_dataset(
     cfg: Any, layout: TrainLayout, *, process_index: int | None = None, num_workers: int | None = None
 ) -> grain.IterDataset:
-    """This process's infinite stream of local batches (dicts of NumPy arrays with a leading G/P axis)."""
+    """This process's infinite stream of local batches (dicts of NumPy arrays with a leading G/P axis).
+
+    `process_index` / `layout.process_count` are the data shard this process reads and the number of
+    shards (`process_data_shard`; by default the JAX process index and count).
+    """
     data = cfg.data
     process_index = jax.process_index() if process_index is None else process_index
     source = ShardedSource(list(data.datasets), data.split)
@@ -220,9 +241,9 @@ def training_dataset(
 
 
 def finish_on_device(batch: Mapping[str, jax.Array], cfg: Any) -> dict[str, jax.Array]:
-    """uint8 crops + photometric parameters -> the train step's normalised float crops (jittable)."""
+    """A pipeline batch -> exactly the train step's batch: photometry applied to uint8 crops (jittable)."""
     aug = augment.AugmentConfig.from_config(cfg)
-    out = {k: v for k, v in batch.items() if not k.startswith(PARAM_PREFIX) and k != "skipped"}
+    out = {k: batch[k] for k in recipe.BATCH_KEYS}
     for kind in ("global", "local"):
         crops = batch[f"{kind}_crops"]
         if crops.dtype != jnp.uint8:  # photometric already ran on the host
@@ -245,13 +266,13 @@ def data_shardings(local: Mapping[str, np.ndarray], like: jax.sharding.NamedShar
     }
 
 
-def global_batch(local: Mapping[str, np.ndarray], shardings: Mapping[str, jax.sharding.Sharding]) -> dict:
-    """Per-process NumPy arrays -> global jax.Arrays laid out over the mesh (the group axis is sharded)."""
+def global_batch(local: Mapping[str, np.ndarray], shardings: Mapping[str, jax.sharding.Sharding], groups: int) -> dict:
+    """Per-process NumPy arrays (the groups of this process's data shard) -> global jax.Arrays of `groups`."""
     out = {}
     for k, v in local.items():
-        if k not in shardings:
-            continue
-        out[k] = jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+        if k in shardings:
+            v = np.asarray(v)
+            out[k] = jax.make_array_from_process_local_data(shardings[k], v, (groups, *v.shape[1:]))
     return out
 
 
@@ -263,9 +284,16 @@ class DeviceIterator:
     continues exactly there.
     """
 
-    def __init__(self, dataset: grain.IterDataset, shardings: Mapping[str, jax.sharding.Sharding], buffer: int = 2):
+    def __init__(
+        self,
+        dataset: grain.IterDataset,
+        shardings: Mapping[str, jax.sharding.Sharding],
+        groups: int,
+        buffer: int = 2,
+    ):
         self._it = iter(dataset)
         self._shardings = shardings
+        self._groups = groups
         self._buffer = buffer
         self._state = self._it.get_state()
         self._start()
@@ -288,7 +316,7 @@ class DeviceIterator:
         try:
             while not self._stop.is_set():
                 local = next(self._it)
-                self._put((local, global_batch(local, self._shardings), self._it.get_state()))
+                self._put((local, global_batch(local, self._shardings, self._groups), self._it.get_state()))
         except BaseException as e:  # surfaced to the consumer, never a silent hang
             self._put((e, None, None))
 
