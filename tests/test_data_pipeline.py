@@ -239,3 +239,18 @@ def test_two_processes_read_disjoint_halves_onto_one_mesh(dataset, tmp_path):
         assert r["local_shapes"]["global_crops"] == [4, 4, 64, 64]  # half of the 8 groups, uint8 gray
         assert r["addressable"] == 4
     assert reports[0]["checksums"] == reports[1]["checksums"]  # one global array, reduced over both processes
+
+
+def test_restore_onto_another_process_count_continues_the_epoch(dataset):
+    """A state saved by 2 data shards restores onto 1: the records not yet read in the epoch, exactly."""
+    cfg = config(dataset)
+    two = pipeline.train_layout(cfg, num_batch_shards=4, process_count=2)
+    its = [iter(pipeline.training_dataset(cfg, two, process_index=p)) for p in (0, 1)]
+    first_step = [int(r) for it in its for r in next(it)["record_index"].ravel()]
+    states = [it.get_state() for it in its]
+    assert states[0] == states[1]  # the position is the global step, the same on every process
+    one = pipeline.train_layout(cfg, num_batch_shards=4, process_count=1)
+    resumed = iter(pipeline.training_dataset(cfg, one, process_index=0))
+    resumed.set_state(states[0])
+    rest = [int(r) for b in take(resumed, 2) for r in b["record_index"].ravel()]
+    assert sorted(first_step + rest) == list(range(24))  # 8 read before, 16 after: the epoch, once each

@@ -12,6 +12,13 @@ A record that does not decode is an error naming its shard and index, or, with
 `data.skip_bad_records`, replaced by the next record of the shuffled order and counted in the
 batch's `skipped` entry (so batch shapes stay fixed and nothing hangs).
 
+Resuming: the iterator state is grain's (JSON): the next batch index, which is the global step on
+every process. Each data shard reads the epoch's permutation cut [p::P], so after k steps the shards
+together have read its first k * global_batch positions whatever P is: a state restores exactly onto
+another number of processes / data shards too, continuing with the records not yet read in the epoch
+(exact when the epoch length is divisible by both counts; otherwise the epoch boundary moves by fewer
+than P records). Keep `data.num_workers` when restoring: grain keeps one position per worker.
+
 Crops are laid out as the official collate does: within a group, global crop k of image j is at
 k * b + j (crop-major), local crops likewise. With `data.photometric="device"` the batch holds uint8
 single-channel crops plus the drawn photometric parameters, and `finish_on_device` turns them into
