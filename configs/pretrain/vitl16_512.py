@@ -2,7 +2,8 @@
 
 ViT-L/16 with 4 registers and fused SwiGLU; DINO (384-d bottleneck) + iBOT (256-d, weight 3)
 with 131072 prototypes each, Sinkhorn-Knopp targets, KoLeo 0.1; 2 global crops of 512 and 8
-local crops of 144; 100 epochs of 2500 iterations at a global batch of 80 (8 GPUs x 10).
+local crops of 144; 100 epochs of 2500 iterations at a global batch of 80 (8 GPUs x 10). The
+released model continued the 448 stage (vitl16_448.py): set train.init_from to its exported student.
 """
 
 import ml_collections
@@ -56,7 +57,27 @@ def get_config() -> ml_collections.ConfigDict:
         centering="sinkhorn_knopp",  # or "centering" (softmax with an EMA centre)
         center_momentum=0.9,
         seed=0,
+        # The job (python -m chexfound_jax.pretrain): checkpoints, logs, exports, guards.
+        checkpoint_every=2500,
+        keep_last=3,
+        keep_every=25000,  # also keep every multiple of this (0: only the last ones)
+        log_every=10,
+        export_every=25000,  # teacher_checkpoint.pth + JAX weights under workdir/export (0: never)
+        on_nonfinite="stop",  # "stop": fail naming the step and last checkpoint; "skip": drop the update
+        init_from="",  # weights dir of an earlier stage (export/<step>/student) to start from
+        init_pos_embed="reinit",  # "reinit" (official: fresh pos_embed) or "resample" to the new grid
+        peak_flops=0.0,  # FLOP/s per device for MFU; 0: from the device table
+        stall_timeout_s=600.0,  # report an input pipeline that delivers nothing for this long
+        profile_start=-1,  # first step of a profiler trace (workdir/profile); -1: none
+        profile_steps=5,
     )
+    c.distributed = dict(
+        initialize="auto",  # "auto": cluster auto-detection (TPU VM, SLURM) when present; "never"; "always"
+        coordinator_address="",  # GPU clusters without auto-detection: host:port of process 0
+        num_processes=0,
+        process_id=-1,
+    )
+    c.debug = dict(inject_nan_at_step=-1)  # fault injection for testing the non-finite guard
     c.data = dict(
         datasets=(),  # data_prep dataset directories (<output>/<name>/<version>), local or gs://
         split="train",
@@ -65,8 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
         skip_bad_records=False,  # True: a record that does not decode is replaced by the next and counted
         max_consecutive_bad=16,
         num_workers=8,  # grain worker processes per host (0: in the training process)
-        read_threads=16,
-        read_buffer=64,
+        read_threads=2,  # per worker; buffers count whole local batches (80 images on an 8-GPU host)
+        read_buffer=4,
         device_prefetch=2,
     )
     c.optim = dict(
