@@ -39,6 +39,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from etils import epath
 from PIL import Image
 
@@ -297,7 +298,9 @@ class DeviceIterator:
         shardings: Mapping[str, jax.sharding.Sharding],
         groups: int,
         buffer: int = 2,
+        stall_timeout_s: float = 600.0,
     ):
+        self._stall_timeout_s = stall_timeout_s
         self._it = iter(dataset)
         self._shardings = shardings
         self._groups = groups
@@ -332,7 +335,18 @@ class DeviceIterator:
 
     def __next__(self) -> tuple[dict, dict]:
         """(global batch on the devices, the local NumPy batch it came from)."""
-        local, batch, state = self._queue.get()
+        waited = 0.0
+        while True:
+            try:
+                local, batch, state = self._queue.get(timeout=self._stall_timeout_s)
+                break
+            except queue.Empty:  # reported, not fatal: a slow bucket or an overloaded host recovers
+                waited += self._stall_timeout_s
+                logging.warning(
+                    "input pipeline stalled: no batch for %.0f s (reader thread alive: %s)",
+                    waited,
+                    self._thread.is_alive(),
+                )
         if state is None:
             raise local
         self._state = state

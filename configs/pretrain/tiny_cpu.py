@@ -18,5 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.update(epochs=2, epoch_length=25, warmup_epochs=1, freeze_last_layer_epochs=0)
     c.teacher.update(warmup_teacher_temp_epochs=1)
     c.data.update(num_workers=0, read_threads=2, read_buffer=8)
+    c.train.update(checkpoint_every=10, keep_last=2, keep_every=0, log_every=5, export_every=50)
+    c.distributed.initialize = "never"
     c.parallel = dict(mesh=dict(data=-1, fsdp=1), rules="data_parallel")
     return c

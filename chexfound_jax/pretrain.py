@@ -1,0 +1,336 @@
+r"""Pretrain CheXFound: one config-driven job that survives preemption without losing or repeating work.
+
+  python -m chexfound_jax.pretrain --config=configs/pretrain/vitl16_512.py --workdir=gs://bucket/run \
+      [--config.train.global_batch_size=80 ...]
+
+The workdir holds config.json, metrics.jsonl, TensorBoard events, checkpoints/ (orbax: the full train
+state, the data-iterator position and the config per saved step) and export/<step>/ (the teacher as
+the official teacher_checkpoint.pth, and teacher/ and student/ JAX weights directories). A run resumes
+from the latest checkpoint in its workdir automatically, also onto another mesh or device count. On
+SIGTERM (the preemption notice of TPU VMs, SLURM and Kubernetes) it checkpoints the current step and
+exits cleanly. Every process of a multi-host job runs this same command (see docs/pretraining.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from chexfound_jax.data import pipeline
+from chexfound_jax.models import ModelConfig, weights
+from chexfound_jax.models.vit import ViTConfig
+from chexfound_jax.train import checkpoint, flops, metrics, recipe
+from chexfound_jax.train.setup import Training, batch_shards, build_training
+
+SMALL_GLOBAL_BATCH = 64  # below this the DINO/iBOT targets of a step are noisy (paper: 80 to 304)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, with a message naming the key."""
+
+
+# --- config validation -----------------------------------------------------------------------------
+
+
+def unknown_keys(cfg: Any, reference: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of `cfg` that the reference config (the paper recipe every config derives from) lacks."""
+    out = []
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            out.append(name)
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+            out += unknown_keys(value, reference[key], name + ".")
+    return out
+
+
+def dataset_image_size(dataset: str) -> int | None:
+    """The stored shorter side of a data_prep dataset (from its manifest), if known."""
+    manifest = epath.Path(dataset) / "manifest.json"
+    if not manifest.exists():
+        return None
+    return int(json.loads(manifest.read_text())["options"]["size"])
+
+
+def validate(cfg: Any, num_devices: int) -> list[str]:
+    """Raises ConfigError for a config that cannot run; returns warnings for one that runs poorly."""
+    from configs.pretrain import vitl16_512
+
+    vit_fields = {f.name for f in dataclasses.fields(ViTConfig)}  # model.* overrides any ViTConfig field
+    extra = [k for k in unknown_keys(cfg, vitl16_512.get_config()) if k.removeprefix("model.") not in vit_fields]
+    if extra:
+        raise ConfigError(f"unknown config keys: {', '.join(extra)}")
+    mesh = {k: int(v) for k, v in cfg.parallel.mesh.items()}
+    fixed = math.prod(v for v in mesh.values() if v != -1)
+    if sum(v == -1 for v in mesh.values()) > 1:
+        raise ConfigError(f"parallel.mesh {mesh}: at most one axis may be -1")
+    if fixed > num_devices or num_devices % fixed:
+        raise ConfigError(f"parallel.mesh {mesh} needs {fixed} devices (or a multiple), but {num_devices} are present")
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets is empty: name the data_prep dataset directories to train on")
+    g, s = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    if g % cfg.model.patch_size or s % cfg.model.patch_size:
+        raise ConfigError(f"crops ({g}, {s}) must be multiples of model.patch_size {cfg.model.patch_size}")
+    for dataset in cfg.data.datasets:
+        size = dataset_image_size(dataset)
+        if size is not None and g > size:
+            raise ConfigError(f"crops.global_crops_size {g} is larger than the images of {dataset} ({size} px)")
+    warnings = []
+    batch = cfg.train.global_batch_size
+    if batch < SMALL_GLOBAL_BATCH:
+        warnings.append(f"train.global_batch_size {batch} is small (the paper uses 80 to 304)")
+    groups = cfg.train.batch_groups
+    if groups > 0 and batch % groups == 0 and batch // groups == 1 and cfg.dino.koleo_loss_weight:
+        warnings.append("KoLeo with one image per group is zero (its nearest neighbour is itself); raise the batch")
+    return warnings
+
+
+def check_mesh(cfg: Any, training: Training) -> None:
+    shards = batch_shards(training.rules, training.mesh)
+    groups = recipe.batch_groups(cfg, shards)
+    if groups % shards:
+        raise ConfigError(
+            f"train.batch_groups={groups} groups cannot be split over the {shards} devices of the batch axes "
+            f"of mesh {dict(training.mesh.shape)}"
+        )
+
+
+# --- distributed -----------------------------------------------------------------------------------
+
+
+def initialize_distributed(cfg: Any) -> None:
+    """jax.distributed.initialize as configured: auto-detected on TPU VMs/SLURM, or explicit for GPU clusters."""
+    d = cfg.distributed
+    if d.initialize not in ("auto", "always", "never"):
+        raise ConfigError(f"distributed.initialize must be auto, always or never, got {d.initialize!r}")
+    if d.initialize == "never":
+        return
+    if d.coordinator_address:
+        jax.distributed.initialize(d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id)
+    elif d.initialize == "always":
+        jax.distributed.initialize()  # cluster auto-detection (TPU pod slice, SLURM, ...)
+    else:
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:  # no cluster environment: a single-process run
+            logging.info("single process (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+# --- the job ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Preemption:
+    """Set by SIGTERM: the loop checkpoints the current step and stops."""
+
+    requested: bool = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        logging.warning("SIGTERM: checkpointing the current step, then stopping")
+        self.requested = True
+
+
+def guarded_step(step_fn, on_nonfinite: str):
+    """With on_nonfinite="skip", a step whose loss or gradient norm is not finite leaves the state unchanged."""
+    if on_nonfinite != "skip":
+        return step_fn
+
+    def step(state, batch):
+        new, m = step_fn(state, batch)
+        ok = jnp.isfinite(m["total_loss"]) & jnp.isfinite(m["grad_norm"])
+        kept = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        kept = kept.replace(step=new.step)  # the step counter always advances, so schedules stay aligned
+        return kept, {**m, "skipped_nonfinite": jnp.where(ok, 0, 1)}
+
+    return step
+
+
+def export(workdir: epath.Path, step: int, model_cfg: ModelConfig, state: Any) -> None:
+    """Teacher as the official teacher_checkpoint.pth (if torch is installed), teacher and student as JAX weights."""
+    out = workdir / "export" / f"{step:08d}"
+    teacher = jax.tree.map(np.asarray, jax.device_get(state.teacher))
+    weights.save_weights(out / "teacher", model_cfg, teacher)
+    weights.save_weights(out / "student", model_cfg, jax.tree.map(np.asarray, jax.device_get(state.student)))
+    try:
+        from chexfound_jax.convert import export_state_dict, torch_io
+
+        torch_io.write_checkpoint(
+            export_state_dict(model_cfg, teacher, "chexfound"), out / "teacher_checkpoint.pth", "teacher"
+        )
+    except ImportError as e:
+        logging.warning("teacher_checkpoint.pth not written (%s); install the [torch] extra", e)
+    logging.info("exported step %d to %s", step, out)
+
+
+def init_from(training: Training, state: Any, source: str, pos_embed: str) -> Any:
+    """Student (and teacher = student) from a weights directory of an earlier stage, as the official code does:
+    pos_embed re-initialised ("reinit", official) or resampled to the new grid ("resample")."""
+    prev_cfg, prev = weights.load_weights(source)
+    student = jax.device_get(state.student)
+    for name in student:
+        if name not in prev:
+            raise ConfigError(f"train.init_from {source} has no {name!r} parameters")
+    new = jax.tree.map(np.asarray, {k: prev[k] for k in student})
+    fresh = np.asarray(student["backbone"]["pos_embed"])
+    old = new["backbone"]["pos_embed"]
+    if pos_embed == "reinit":
+        new["backbone"]["pos_embed"] = fresh
+    elif pos_embed == "resample":
+        from chexfound_jax.models.pos_embed import interpolate_pos_embed
+
+        side = math.isqrt(fresh.shape[1] - 1) * training.model_cfg.backbone.patch_size
+        resized = interpolate_pos_embed(
+            jnp.asarray(old), side, side, training.model_cfg.backbone.patch_size, prev_cfg.backbone.interpolate_offset
+        )
+        new["backbone"]["pos_embed"] = np.asarray(resized)
+    else:
+        raise ConfigError(f"train.init_pos_embed must be 'reinit' or 'resample', got {pos_embed!r}")
+    shardings = training.state_shardings
+    student = jax.device_put(new, shardings.student)
+    teacher = jax.device_put(new, shardings.teacher)
+    return state.replace(student=student, teacher=teacher)
+
+
+def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+    """Runs (or resumes) the job to cfg's last step or a preemption; returns the last logged metrics."""
+    workdir = epath.Path(workdir)
+    devices = list(devices if devices is not None else jax.devices())
+    for w in validate(cfg, len(devices)):
+        logging.warning("config: %s", w)
+    training = build_training(cfg, devices=devices)
+    check_mesh(cfg, training)
+    lead = jax.process_index() == 0
+    total_steps = cfg.optim.epochs * cfg.optim.epoch_length
+    writer = metrics.MetricsWriter(workdir, enabled=lead)
+    writer.write_config(cfg)
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints",
+        save_every=cfg.train.checkpoint_every,
+        keep_last=cfg.train.keep_last,
+        keep_every=cfg.train.keep_every or None,
+    )
+    crops = training.batch_shardings["global_crops"]
+    groups = training.batch_spec["global_crops"].shape[0]
+    shard, shards = pipeline.process_data_shard(crops, groups)
+    layout = pipeline.train_layout(cfg, batch_shards(training.rules, training.mesh), process_count=shards)
+    dataset = pipeline.training_dataset(cfg, layout, process_index=shard)
+
+    start = ckpt.latest_step()
+    if start is None:
+        state = training.init_state()
+        if cfg.train.init_from:
+            state = init_from(training, state, cfg.train.init_from, cfg.train.init_pos_embed)
+        data_state = None
+        start = 0
+        if lead:
+            logging.info("parameters:\n%s", metrics.parameter_overview(training.abstract_state.student))
+    else:
+        state, data_state, _ = ckpt.restore(
+            start, abstract_state=training.abstract_state, shardings=training.state_shardings
+        )
+        logging.info("resumed from step %d in %s", start, ckpt.directory)
+    probe = next(iter(dataset))
+    it = pipeline.DeviceIterator(
+        dataset, pipeline.data_shardings(probe, crops), groups, cfg.data.device_prefetch, cfg.train.stall_timeout_s
+    )
+    if data_state is not None:
+        it.set_state(data_state)
+
+    finish = jax.jit(lambda b: pipeline.finish_on_device(b, cfg), out_shardings=training.batch_shardings)
+    step_fn = guarded_step(training.step, cfg.train.on_nonfinite)
+    if cfg.train.on_nonfinite == "skip":
+        step_fn = jax.jit(step_fn, donate_argnums=0)
+    preemption = Preemption()
+    preemption.install()
+    images = cfg.train.global_batch_size
+    flops_per_image = flops.train_flops_per_image(cfg)["total"]
+    peak = metrics.peak_flops(devices[0].device_kind, cfg.train.peak_flops or None)
+    progress = metrics.Progress(total_steps, start, images_per_step=images)
+    last: dict[str, Any] = {}
+    skipped_total = 0
+    last_time = time.perf_counter()
+    step = start
+    try:
+        while step < total_steps:
+            if step == cfg.train.profile_start and lead:
+                jax.profiler.start_trace(str(workdir / "profile"))
+            batch, local = next(it)
+            train_batch = finish(batch)
+            if step == cfg.debug.inject_nan_at_step:  # fault injection, to exercise the guard below
+                train_batch = dict(train_batch, global_crops=train_batch["global_crops"] * jnp.nan)
+            state, m = step_fn(state, train_batch)
+            if cfg.train.profile_start >= 0 and step == cfg.train.profile_start + cfg.train.profile_steps - 1 and lead:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+            step += 1
+            skipped_total += int(np.sum(local["skipped"]))
+            stop = preemption.requested  # read once: a signal arriving later is handled after the next step
+            log_now = step % cfg.train.log_every == 0 or step == total_steps or stop
+            save_now = ckpt.should_save(step) or step == total_steps or stop
+            if log_now or save_now or cfg.train.on_nonfinite == "stop":
+                values = {k: float(v) for k, v in jax.device_get(m).items()}
+                if cfg.train.on_nonfinite == "stop" and not all(
+                    math.isfinite(values[k]) for k in ("total_loss", "grad_norm")
+                ):
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient at step {step} (loss {values['total_loss']}, grad norm "
+                        f"{values['grad_norm']}); last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
+                    )
+                if log_now:
+                    now = time.perf_counter()
+                    dt = (now - last_time) / max(1, step - (last.get("step", start)))
+                    last_time = now
+                    values |= {"skipped_records": skipped_total}
+                    values |= metrics.throughput_metrics(images, flops_per_image, dt, len(devices), peak)
+                    writer.write_scalars(step, values)
+                    if lead:
+                        logging.info("%s | loss %.4f", progress.tick(step), values["total_loss"])
+                    last = {"step": step, **values}
+            if save_now:
+                ckpt.save(step, state, it.get_state(), cfg.to_dict(), force=True)
+            if cfg.train.export_every and (step % cfg.train.export_every == 0 or step == total_steps) and lead:
+                export(workdir, step, training.model_cfg, state)
+            if stop:
+                break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        it.close()
+        writer.close()
+    return last
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output and resume directory (local or gs://).")
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = _CONFIG.value
+    initialize_distributed(cfg)
+    try:
+        train(cfg, _WORKDIR.value)
+    except (ConfigError, FloatingPointError) as e:
+        raise SystemExit(f"pretrain: {e}") from None
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

@@ -1,0 +1,168 @@
+"""Pretraining checkpoints: the whole TrainState, the data-iterator position and the config, per step.
+
+A thin wrapper around `orbax.checkpoint.CheckpointManager`, so that resuming is exact (every state
+leaf, including the optimiser state, the raw PRNG key and the centres, plus where the input pipeline
+was) and preemption-safe. One step directory holds three items:
+
+    <directory>/<step>/state   the TrainState (orbax StandardSave: sharded arrays, OCDBT)
+    <directory>/<step>/data    the data iterator's `get_state()` dict (JSON)
+    <directory>/<step>/config  the run's config, `cfg.to_dict()` (JSON; tuples come back as lists)
+
+Atomicity is orbax's: a step is written under `<step>.orbax-checkpoint-tmp` and renamed when complete
+(on GCS, where renames are not atomic, a `commit_success.txt` marks completion instead), and only
+finalised steps are ever listed, so a save killed half-way is never picked up as the latest; its
+leftovers are removed when the next Checkpointer opens the directory.
+
+Retention uses orbax's preservation policies (`LatestN` or'ed with `EveryNSteps`), the documented
+replacement for `CheckpointManagerOptions.max_to_keep`/`keep_period`, which orbax 0.12.8 marks
+deprecated. A step is kept if it is among the last `keep_last` saved or a multiple of `keep_every`;
+`keep_last` counts all saved steps, the periodic ones included (so saving 1..9 with keep_last=2,
+keep_every=4 keeps {4, 8, 9}).
+
+Restoring reads each array straight into the target sharding (abstract arrays carrying the new mesh's
+NamedShardings), so a checkpoint written on one mesh restores onto another size or layout.
+
+Multi-process: every process must construct the Checkpointer and call `save`, `restore`, `wait` and
+`close` at the same steps (orbax runs collective barriers inside them; each process writes its own
+shards and the primary process alone writes metadata and finalises). Nothing here is process-0-only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
+from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_decision_lib
+
+STATE, DATA, CONFIG = "state", "data", "config"
+
+
+class Checkpointer:
+    """Saves and restores (TrainState, data-iterator state, config) under `directory` (local or gs://).
+
+    Args:
+      directory: root holding one sub-directory per saved step; created if missing.
+      save_every: `should_save(step)` is True at multiples of this (and when a preemption notice
+        has reached every process, via jax's preemption sync point).
+      keep_last: how many of the most recent steps to keep.
+      keep_every: also keep every step that is a multiple of this (None or 0: none beyond keep_last).
+      async_save: if True, `save` returns once the arrays are copied off the devices and writes in a
+        background thread; call `wait()` (or `close()`) before reading the files or exiting.
+    """
+
+    def __init__(
+        self,
+        directory: str | epath.PathLike,
+        *,
+        save_every: int,
+        keep_last: int,
+        keep_every: int | None = None,
+        async_save: bool = True,
+    ):
+        if save_every < 1 or keep_last < 1 or (keep_every or 0) < 0:
+            raise ValueError(f"save_every={save_every}, keep_last={keep_last}, keep_every={keep_every} must be >= 1")
+        path = epath.Path(directory)
+        self.directory = path if "://" in str(directory) else path.resolve()  # orbax wants absolute local paths
+        preserve: list[Any] = [preservation_lib.LatestN(keep_last)]
+        if keep_every:
+            preserve.append(preservation_lib.EveryNSteps(keep_every))
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=save_decision_lib.AnySavePolicy(
+                [save_decision_lib.FixedIntervalPolicy(save_every), save_decision_lib.PreemptionCheckpointingPolicy()]
+            ),
+            preservation_policy=preservation_lib.AnyPreservationPolicy(preserve),
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # leftovers of saves killed mid-write
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                DATA: ocp.JsonCheckpointHandler(),
+                CONFIG: ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def should_save(self, step: int) -> bool:
+        """True at multiples of `save_every` (or on preemption), and only past the latest saved step."""
+        return self._manager.should_save(step)
+
+    def save(self, step: int, state: Any, data_state: Mapping[str, Any], config: Any, *, force: bool = False) -> bool:
+        """Starts saving `step` if `should_save(step)` or `force`; returns whether it did.
+
+        `state` may be donated to the next train step as soon as this returns: orbax has copied the
+        arrays to host memory by then. `config` is an ml_collections ConfigDict or a JSON-able dict.
+        """
+        config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        # Fail here, not in the background thread, if either item is not JSON-able.
+        data_json, config_json = json.loads(json.dumps(dict(data_state))), json.loads(json.dumps(config_dict))
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardSave(state),
+                    DATA: ocp.args.JsonSave(data_json),
+                    CONFIG: ocp.args.JsonSave(config_json),
+                }
+            ),
+            force=force,
+        )
+
+    def wait(self) -> None:
+        """Blocks until a pending asynchronous save is finalised (and old steps deleted)."""
+        self._manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        """The newest finalised step, or None if there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """All finalised steps still on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def restore(
+        self, step: int | None = None, *, abstract_state: Any, shardings: Any
+    ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """(state, data_state, config dict) of `step` (default: the latest).
+
+        `abstract_state` gives the tree structure, shapes and dtypes (e.g. `Training.abstract_state`)
+        and `shardings` the matching tree of target shardings (`Training.state_shardings`); arrays are
+        read directly into those shardings, whatever mesh wrote them.
+        """
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        elif step not in self._manager.all_steps():
+            raise FileNotFoundError(f"no finished checkpoint for step {step} in {self.directory}")
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+        )
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardRestore(target),
+                    DATA: ocp.args.JsonRestore(),
+                    CONFIG: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        return restored[STATE], restored[DATA], restored[CONFIG]
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,16 @@
+"""CheXFound high-resolution stage at 336 / 128 crops (vitl16_ibot333_highres336).
+
+Global batch 96 (8 GPUs x 12), 250k iterations, started from the 224 stage's student with a fresh
+pos_embed (set train.init_from to <224 workdir>/export/<step>/student).
+"""
+
+import ml_collections
+
+from configs.pretrain import vitl16_512
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = vitl16_512.get_config()
+    c.crops.update(global_crops_size=336, local_crops_size=128)
+    c.train.update(global_batch_size=96)
+    return c

@@ -1,0 +1,173 @@
+"""python -m chexfound_jax.pretrain: config errors, checkpoints and exports, exact resume, preemption, NaN guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from chexfound_jax import pretrain
+from chexfound_jax.models import weights
+from chexfound_jax.train import checkpoint
+from configs.pretrain import tiny_cpu
+from data_prep import local_runner, writers
+from data_prep import pipeline as prep
+from data_prep.sources import get_source
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KERMANY = os.path.join(REPO, "tests", "data", "kermany")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("shards")
+    source = get_source(
+        "folder", KERMANY, csv="labels.csv", path_column="file", label_columns=["label"], source_name="kermany"
+    )
+    local_runner.run_local(source, out, prep.PrepOptions(size=96, min_size=200), workers=1, progress=False)
+    return os.fspath(writers.dataset_dir(out, "kermany", prep.DATASET_VERSION))
+
+
+def config(dataset, steps=12, **train):
+    cfg = tiny_cpu.get_config()
+    cfg.data.datasets = (dataset,)
+    cfg.optim.update(epochs=1, epoch_length=steps, warmup_epochs=0)
+    cfg.teacher.update(warmup_teacher_temp_epochs=0)
+    cfg.train.update({"checkpoint_every": 5, "log_every": 1, "export_every": 0, **train})
+    return cfg
+
+
+def test_config_errors_name_the_key(dataset):
+    cfg = config(dataset)
+    cfg.train.unlock()
+    cfg.train.learning_rate = 1.0
+    with pytest.raises(pretrain.ConfigError, match=r"unknown config keys: train\.learning_rate"):
+        pretrain.validate(cfg, 8)
+    cfg = config(dataset)
+    cfg.parallel.mesh = {"data": 16, "fsdp": 1}
+    with pytest.raises(pretrain.ConfigError, match="needs 16 devices"):
+        pretrain.validate(cfg, 8)
+    cfg = config(dataset)
+    cfg.data.datasets = ()
+    with pytest.raises(pretrain.ConfigError, match="data.datasets is empty"):
+        pretrain.validate(cfg, 8)
+    cfg = config(dataset)
+    cfg.crops.global_crops_size = 128
+    with pytest.raises(pretrain.ConfigError, match=r"global_crops_size 128 is larger than the images of .* \(96 px\)"):
+        pretrain.validate(cfg, 8)
+    cfg = config(dataset)
+    cfg.train.update(global_batch_size=8, batch_groups=8)
+    warnings = pretrain.validate(cfg, 8)
+    assert any("global_batch_size 8 is small" in w for w in warnings)
+    assert any("KoLeo with one image per group" in w for w in warnings)
+    cfg = config(dataset)
+    cfg.train.update(global_batch_size=12, batch_groups=3)
+    with pytest.raises((pretrain.ConfigError, ValueError), match="batch_groups=3"):
+        training = pretrain.build_training(cfg, {"data": 8}, "data_parallel")
+        pretrain.check_mesh(cfg, training)
+
+
+def jsonl(workdir) -> list[dict]:
+    return [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_writes_checkpoints_metrics_and_exports(dataset, tmp_path):
+    cfg = config(dataset, steps=12, export_every=12)
+    last = pretrain.train(cfg, tmp_path, devices=jax.devices()[:2])
+    assert last["step"] == 12 and np.isfinite(last["total_loss"])
+    rows = jsonl(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {"total_loss", "lr", "images_per_s", "tflops_per_s_per_device", "skipped_records"} <= rows[-1].keys()
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["global_batch_size"] == 16
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", save_every=5, keep_last=2, keep_every=None)
+    assert ckpt.latest_step() == 12
+    ckpt.close()
+    export = tmp_path / "export" / "00000012"
+    assert (export / "teacher_checkpoint.pth").exists()
+    _, teacher = weights.load_weights(export / "teacher")
+    _, student = weights.load_weights(export / "student")
+    assert teacher["backbone"]["cls_token"].shape == student["backbone"]["cls_token"].shape
+
+
+def test_restore_from_eight_devices_onto_four_and_continue(dataset, tmp_path):
+    pretrain.train(config(dataset, steps=10), tmp_path)
+    cfg = config(dataset, steps=12)
+    cfg.parallel.mesh = {"data": 4, "fsdp": 1}
+    last = pretrain.train(cfg, tmp_path, devices=jax.devices()[:4])
+    assert last["step"] == 12 and np.isfinite(last["total_loss"])
+    assert [r["step"] for r in jsonl(tmp_path)] == list(range(1, 13))  # resumed at 10, nothing repeated
+
+
+def test_nonfinite_loss_stops_or_skips(dataset, tmp_path):
+    cfg = config(dataset, steps=8)
+    cfg.debug.inject_nan_at_step = 6  # the 7th step
+    with pytest.raises(FloatingPointError, match=r"at step 7 .*last good checkpoint: step 5"):
+        pretrain.train(cfg, tmp_path / "stop", devices=jax.devices()[:2])
+    cfg.train.on_nonfinite = "skip"
+    last = pretrain.train(cfg, tmp_path / "skip", devices=jax.devices()[:2])
+    rows = jsonl(tmp_path / "skip")
+    assert [r["skipped_nonfinite"] for r in rows] == [0, 0, 0, 0, 0, 0, 1, 0]
+    assert last["step"] == 8 and np.isfinite(last["total_loss"])
+
+
+def cli(dataset, workdir, steps):
+    return [
+        sys.executable, "-m", "chexfound_jax.pretrain", "--config=configs/pretrain/tiny_cpu.py", f"--workdir={workdir}",
+        f"--config.data.datasets=('{dataset}',)", "--config.optim.epochs=1", f"--config.optim.epoch_length={steps}",
+        "--config.optim.warmup_epochs=0", "--config.teacher.warmup_teacher_temp_epochs=0",
+        "--config.train.checkpoint_every=4", "--config.train.log_every=1", "--config.train.export_every=100",
+    ]  # fmt: skip
+
+
+def final_student(workdir, step) -> dict:
+    return weights.load_weights(epath.Path(workdir) / "export" / f"{step:08d}" / "student")[1]
+
+
+def wait_for(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+def test_sigterm_checkpoints_and_sigkill_resumes_bitwise(dataset, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # one CPU device in every run, so all runs compute the same numbers
+    steps = 14
+    reference = subprocess.run(cli(dataset, tmp_path / "ref", steps), cwd=REPO, env=env, capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    work = tmp_path / "run"
+    metrics_file = work / "metrics.jsonl"
+    proc = subprocess.Popen(cli(dataset, work, steps), cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = jsonl(work)[-1]["step"]
+    assert stopped < steps
+    ckpt = checkpoint.Checkpointer(work / "checkpoints", save_every=4, keep_last=2, keep_every=None)
+    assert ckpt.latest_step() == stopped  # a checkpoint at the step it stopped, not the last periodic one
+    ckpt.close()
+
+    proc = subprocess.Popen(cli(dataset, work, steps), cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    ckpts = work / "checkpoints"
+    later = lambda: any(p.name.isdigit() and int(p.name) >= 8 and int(p.name) > stopped for p in ckpts.iterdir())
+    assert wait_for(later, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    rerun = subprocess.run(cli(dataset, work, steps), cwd=REPO, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    want, got = final_student(tmp_path / "ref", steps), final_student(work, steps)
+    jax.tree.map(np.testing.assert_array_equal, got, want)  # bitwise: nothing lost, nothing repeated
