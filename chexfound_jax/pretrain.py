@@ -316,21 +316,24 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
     return last
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output and resume directory (local or gs://).")
+def define_flags() -> None:
+    """The program's flags; defined only when run as a program, so importing `train` claims no flag names."""
+    config_flags.DEFINE_config_file("config", None, "Pretraining config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output and resume directory (local or gs://).")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cfg = _CONFIG.value
+    cfg = flags.FLAGS.config
     initialize_distributed(cfg)
     try:
-        train(cfg, _WORKDIR.value)
+        train(cfg, flags.FLAGS.workdir)
     except (ConfigError, FloatingPointError) as e:
         raise SystemExit(f"pretrain: {e}") from None
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
+    define_flags()
     app.run(main)

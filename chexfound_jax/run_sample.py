@@ -2,10 +2,12 @@ r"""The main job end to end on the bundled sample data (tiny model, CPU), as a s
 
   python -m chexfound_jax.run_sample --workdir=/tmp/chexfound_sample
 
-Stages so far: import a PyTorch CheXFound teacher checkpoint (the bundled tiny one, produced by the
-official code) into JAX weights; embed the bundled chest X-rays with it; export the weights back to
-the official `teacher_checkpoint.pth` layout and check the file is bit-identical to the original.
-Later stages (prepare shards, pretrain, evaluate) join this run as they land.
+Stages: import a PyTorch CheXFound teacher checkpoint (the bundled tiny one, produced by the official
+code) into JAX weights; embed the bundled chest X-rays with it; export the weights back to the
+official `teacher_checkpoint.pth` layout and check the file is bit-identical to the original. Then
+the pretraining chain: prepare shards from the bundled labelled X-rays with data_prep, pretrain the
+tiny config on them for a few dozen steps, and embed an X-ray with the teacher the run exported as
+`teacher_checkpoint.pth` (read back through the converter). Evaluation joins when it lands.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SAMPLE_DATA = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data"
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; must not hold a previous run).")
 _DATA = flags.DEFINE_string("data_dir", str(SAMPLE_DATA), "Bundled sample data (the repository's tests/data).")
 
+PRETRAIN_STEPS = 24
 TINY_NUM_HEADS = 4  # the bundled tiny backbone has 16-d heads, not DINOv2's 64-d
 
 
@@ -55,6 +58,44 @@ def run(workdir: epath.Path, data_dir: pathlib.Path) -> dict[str, np.ndarray]:
     return features
 
 
+def pretrain_chain(workdir: epath.Path, data_dir: pathlib.Path, steps: int = PRETRAIN_STEPS) -> dict[str, np.ndarray]:
+    """Shards from the bundled X-rays -> tiny pretraining -> exported teacher_checkpoint.pth -> embeddings."""
+    import jax
+
+    from chexfound_jax import pretrain
+    from configs.pretrain import tiny_cpu
+    from data_prep import local_runner
+    from data_prep import pipeline as prep
+    from data_prep.sources import get_source
+
+    logging.info("4/6 prepare shards from %s", data_dir / "kermany")
+    source = get_source(
+        "folder", data_dir / "kermany", csv="labels.csv", path_column="file", label_columns=["label"],
+        patient_column="patient_id", source_name="kermany",
+    )  # fmt: skip
+    info = local_runner.run_local(source, workdir / "shards", prep.PrepOptions(size=96, min_size=200), progress=False)
+    dataset = workdir / "shards" / "kermany" / prep.DATASET_VERSION
+
+    logging.info("5/6 pretrain the tiny config for %d steps on %d images", steps, info["counts"]["written"])
+    cfg = tiny_cpu.get_config()
+    cfg.data.datasets = (str(dataset),)
+    cfg.optim.update(epochs=1, epoch_length=steps)
+    cfg.train.update(export_every=steps, checkpoint_every=steps)
+    last = pretrain.train(cfg, workdir / "pretrain", devices=jax.devices()[:1])
+
+    logging.info("6/6 embed an X-ray with the exported teacher_checkpoint.pth")
+    export = workdir / "pretrain" / "export" / f"{steps:08d}"
+    model_cfg, params = import_state_dict(
+        torch_io.read_checkpoint(export / "teacher_checkpoint.pth"), num_heads=cfg.model.num_heads
+    )
+    model = model_from_params(model_cfg.backbone, params["backbone"])
+    image = sorted((data_dir / "images").glob("*.png"))[:1]
+    features = embed.embed_images(
+        model, image, batch_size=1, image_size=cfg.crops.global_crops_size, n_last_blocks=cfg.model.depth
+    )
+    return {"loss": np.float32(last["total_loss"]), **features}
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -66,6 +107,12 @@ def main(argv: list[str]) -> None:
         f"patch_tokens {features['patch_tokens'].shape} -> {workdir / 'features.npz'}"
     )
     print(f"round trip JAX -> {workdir / 'teacher_checkpoint.pth'}: bit-identical to the official file")
+    chain = pretrain_chain(workdir, pathlib.Path(_DATA.value))
+    print(
+        f"pretrained {PRETRAIN_STEPS} steps (final loss {float(chain['loss']):.3f}) -> "
+        f"{workdir / 'pretrain' / 'export'}; embedded with its teacher_checkpoint.pth: cls_token "
+        f"{chain['cls_token'].shape}"
+    )
 
 
 if __name__ == "__main__":

@@ -17,3 +17,19 @@ def test_sample_run_embeds_and_round_trips(tmp_path):
     np.testing.assert_allclose(features["cls_token"][0], gold["img512_x_norm_clstoken"][0], rtol=1e-5, atol=1e-5)
     for name in ("weights/model_config.json", "features.npz", "teacher_checkpoint.pth"):
         assert (tmp_path / name).exists(), name
+
+
+def test_pretrain_chain_exports_a_teacher_that_embeds(tmp_path):
+    from chexfound_jax.models import weights
+
+    out = run_sample.pretrain_chain(epath.Path(tmp_path), DATA, steps=6)
+    assert np.isfinite(out["loss"]) and out["cls_token"].shape == (1, 64)
+    assert (tmp_path / "shards" / "kermany" / "1.0.0" / "manifest.json").exists()
+    # The .pth the run exported carries exactly the teacher it saved as JAX weights.
+    export = tmp_path / "pretrain" / "export" / "00000006"
+    _, teacher = weights.load_weights(export / "teacher")
+    from chexfound_jax.convert import import_state_dict, torch_io
+
+    _, imported = import_state_dict(torch_io.read_checkpoint(export / "teacher_checkpoint.pth"), num_heads=4)
+    np.testing.assert_array_equal(imported["backbone"]["cls_token"], teacher["backbone"]["cls_token"])
+    np.testing.assert_array_equal(imported["dino_head"]["last_layer"]["v"], teacher["dino_head"]["last_layer"]["v"])
