@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from chexfound_jax.data import pipeline
@@ -161,12 +162,19 @@ def guarded_step(step_fn, on_nonfinite: str):
     return step
 
 
-def export(workdir: epath.Path, step: int, model_cfg: ModelConfig, state: Any) -> None:
-    """Teacher as the official teacher_checkpoint.pth (if torch is installed), teacher and student as JAX weights."""
+def export(workdir: epath.Path, step: int, model_cfg: ModelConfig, state: Any, lead: bool) -> None:
+    """Teacher as the official teacher_checkpoint.pth (if torch is installed), teacher and student as JAX weights.
+
+    Every process calls this: parameters sharded across hosts are gathered first, and orbax writes the
+    weights directories with all processes taking part; only the lead process writes the .pth.
+    """
     out = workdir / "export" / f"{step:08d}"
-    teacher = jax.tree.map(np.asarray, jax.device_get(state.teacher))
+    teacher = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.teacher, tiled=True))
+    student = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.student, tiled=True))
     weights.save_weights(out / "teacher", model_cfg, teacher)
-    weights.save_weights(out / "student", model_cfg, jax.tree.map(np.asarray, jax.device_get(state.student)))
+    weights.save_weights(out / "student", model_cfg, student)
+    if not lead:
+        return
     try:
         from chexfound_jax.convert import export_state_dict, torch_io
 
@@ -304,8 +312,8 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
                     last = {"step": step, **values}
             if save_now:
                 ckpt.save(step, state, it.get_state(), cfg.to_dict(), force=True)
-            if cfg.train.export_every and (step % cfg.train.export_every == 0 or step == total_steps) and lead:
-                export(workdir, step, training.model_cfg, state)
+            if cfg.train.export_every and (step % cfg.train.export_every == 0 or step == total_steps):
+                export(workdir, step, training.model_cfg, state, lead)
             if stop:
                 break
     finally:

@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import portpicker
 import pytest
 from etils import epath
 
@@ -171,3 +172,37 @@ def test_sigterm_checkpoints_and_sigkill_resumes_bitwise(dataset, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     want, got = final_student(tmp_path / "ref", steps), final_student(work, steps)
     jax.tree.map(np.testing.assert_array_equal, got, want)  # bitwise: nothing lost, nothing repeated
+
+
+def test_two_processes_train_and_checkpoint(dataset, tmp_path):
+    """The CLI as a 2-host job: jax.distributed on localhost, 4 simulated CPU devices per process."""
+    port = portpicker.pick_unused_port()
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+    }
+    procs = [
+        subprocess.Popen(
+            [
+                *cli(dataset, tmp_path, 6),
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+                "--config.distributed.initialize=always",
+                "--config.train.checkpoint_every=3",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    assert [r["step"] for r in jsonl(tmp_path)] == list(range(1, 7))  # written once, by process 0
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+    assert (tmp_path / "export" / "00000006" / "teacher_checkpoint.pth").exists()
