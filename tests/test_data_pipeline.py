@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import grain
 import jax
 import numpy as np
 import portpicker
@@ -254,3 +255,22 @@ def test_restore_onto_another_process_count_continues_the_epoch(dataset):
     resumed.set_state(states[0])
     rest = [int(r) for b in take(resumed, 2) for r in b["record_index"].ravel()]
     assert sorted(first_step + rest) == list(range(24))  # 8 read before, 16 after: the epoch, once each
+
+
+def test_a_stalled_pipeline_is_reported(caplog):
+    """No batch within the timeout: a warning saying how long, and the batch is still delivered."""
+    import time as time_lib
+
+    def slow(i):
+        time_lib.sleep(0.6)
+        return {"x": np.full((2, 3), i, np.float32)}
+
+    ds = grain.MapDataset.range(4).map(slow).to_iter_dataset()
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    it = pipeline.DeviceIterator(ds, {"x": sharding}, groups=2, buffer=1, stall_timeout_s=0.2)
+    with caplog.at_level("WARNING"):
+        batch, _ = next(it)
+    it.close()
+    assert np.asarray(batch["x"]).tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert any("input pipeline stalled" in r.getMessage() for r in caplog.records)

@@ -79,12 +79,14 @@ def jsonl(workdir) -> list[dict]:
 
 
 def test_end_to_end_writes_checkpoints_metrics_and_exports(dataset, tmp_path):
-    cfg = config(dataset, steps=12, export_every=12)
+    cfg = config(dataset, steps=12, export_every=12, profile_start=3, profile_steps=2)
     last = pretrain.train(cfg, tmp_path, devices=jax.devices()[:2])
     assert last["step"] == 12 and np.isfinite(last["total_loss"])
     rows = jsonl(tmp_path)
     assert [r["step"] for r in rows] == list(range(1, 13))
-    assert {"total_loss", "lr", "images_per_s", "tflops_per_s_per_device", "skipped_records"} <= rows[-1].keys()
+    logged = {"total_loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "param_norm", "update_norm"}
+    assert logged | {"images_per_s", "tflops_per_s_per_device", "skipped_records"} <= rows[-1].keys()
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))  # the profiler trace of steps 3-4
     assert json.loads((tmp_path / "config.json").read_text())["train"]["global_batch_size"] == 16
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", save_every=5, keep_last=2, keep_every=None)
