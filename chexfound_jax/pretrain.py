@@ -253,7 +253,8 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
             start, abstract_state=training.abstract_state, shardings=training.state_shardings
         )
         logging.info("resumed from step %d in %s", start, ckpt.directory)
-    probe = next(iter(dataset))
+    # One local batch, made in this process (no worker start-up), tells the keys and ranks to shard.
+    probe = next(iter(pipeline.training_dataset(cfg, layout, process_index=shard, num_workers=0)))
     it = pipeline.DeviceIterator(
         dataset, pipeline.data_shardings(probe, crops), groups, cfg.data.device_prefetch, cfg.train.stall_timeout_s
     )
