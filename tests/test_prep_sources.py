@@ -48,6 +48,10 @@ def test_registry_and_helpers(tmp_path):
         "nih_cxr14",
         "vindr_cxr",
         "folder",
+        "cxr_lt",
+        "shenzhen",
+        "montgomery",
+        "jsrt",
     }
     with pytest.raises(KeyError):
         get_source("nope", tmp_path)
