@@ -30,10 +30,11 @@ setup(
         "pillow>=11,<14",
         "absl-py>=2,<3",
         "tqdm>=4.60,<5",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={
         "torch": ["torch>=2.4", "safetensors>=0.4,<1"],
-        "test": ["pytest>=8,<10", "ruff>=0.15,<1", "timm>=1.0.20,<2"],
+        "test": ["pytest>=8,<10", "ruff>=0.15,<1", "timm>=1.0.20,<2", "scikit-learn>=1.4,<2"],
         "beam": ["apache-beam>=2.60,<3"],
     },
 )

@@ -97,3 +97,82 @@ def random_batches(cfg, spec, n, seed=0):
 
     rng = np.random.default_rng(seed)
     return [synthetic_batch(cfg, spec, rng) for _ in range(n)]
+
+
+GLORI_PTH = GOLDEN / "glori.pth"
+GLORI_CATCLS_PTH = GOLDEN / "glori_catcls.pth"
+
+
+def torch_glori(num_classes, feature_dim, decoder_dim, *, num_heads=8, ffn_dim=2048, cat_cls=False, dropout=0.1,
+                eps=1e-5):
+    """An independent PyTorch GLoRI written from the spec (section 5.2), with the official state-dict keys.
+
+    forward(patch (B, N, F), cls (B, F)) -> (logits (B, K), attention (B, heads, K, N)). The decoder
+    layer is sequence-first torch.nn.MultiheadAttention, as in ML-Decoder.
+    """
+    import torch
+    from torch import nn
+
+    class DecoderLayer(nn.Module):  # attribute order = the official state-dict order
+        def __init__(self):
+            super().__init__()
+            self.norm1 = nn.LayerNorm(decoder_dim, eps=eps)
+            self.multihead_attn = nn.MultiheadAttention(decoder_dim, num_heads, dropout=dropout)
+            self.linear1 = nn.Linear(decoder_dim, ffn_dim)
+            self.dropout = nn.Dropout(dropout)
+            self.linear2 = nn.Linear(ffn_dim, decoder_dim)
+            self.norm2 = nn.LayerNorm(decoder_dim, eps=eps)
+            self.norm3 = nn.LayerNorm(decoder_dim, eps=eps)
+            self.dropout1, self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+
+        def forward(self, tgt, memory):  # (K, B, d), (N, B, d)
+            tgt = self.norm1(tgt + self.dropout1(tgt))
+            a, weights = self.multihead_attn(tgt, memory, memory, need_weights=True, average_attn_weights=False)
+            tgt = self.norm2(tgt + self.dropout2(a))
+            tgt = self.norm3(tgt + self.dropout3(self.linear2(self.dropout(torch.relu(self.linear1(tgt))))))
+            return tgt, weights
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([DecoderLayer()])
+            self.embed_standart = nn.Linear(feature_dim, decoder_dim)
+            self.query_embed = nn.Embedding(num_classes, decoder_dim)
+            self.query_embed.requires_grad_(False)
+            pooled = decoder_dim + (feature_dim if cat_cls else 0)
+            self.duplicate_pooling = nn.Parameter(torch.empty(num_classes, pooled, 1))
+            self.duplicate_pooling_bias = nn.Parameter(torch.zeros(num_classes))
+            nn.init.xavier_normal_(self.duplicate_pooling)
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = Decoder()
+
+        def forward(self, patch, cls):
+            dec = self.decoder
+            memory = torch.relu(dec.embed_standart(patch)).transpose(0, 1)
+            tgt = dec.query_embed.weight.unsqueeze(1).expand(-1, patch.shape[0], -1)
+            h, attention = dec.layers[0](tgt, memory)
+            h = h.transpose(0, 1)
+            if cat_cls:
+                h = torch.cat([cls.unsqueeze(1).expand(-1, h.shape[1], -1), h], dim=-1)
+            logits = torch.stack([h[:, k] @ dec.duplicate_pooling[k, :, 0] for k in range(h.shape[1])], dim=1)
+            return logits + dec.duplicate_pooling_bias, attention
+
+    return Head()
+
+
+def torch_linear_probe(in_features, num_classes):
+    """DINOv2's LinearClassifier core: state-dict keys linear.weight / linear.bias."""
+    from torch import nn
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(in_features, num_classes)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    return Probe()

@@ -4,6 +4,9 @@ r"""Convert weights between PyTorch checkpoints and chexfound_jax weight directo
 python -m chexfound_jax.convert --to=jax --checkpoint=teacher_checkpoint.pth --out=weights/
 # JAX -> the official teacher_checkpoint.pth layout (or --layout=hub|timm, or .safetensors)
 python -m chexfound_jax.convert --to=pytorch --checkpoint=weights/ --out=teacher_checkpoint.pth
+# classification heads (GLoRI / linear probe): a classifier dir <-> the official classifier checkpoint
+python -m chexfound_jax.convert --to=pytorch --checkpoint=head_dir/ --out=model_final.pth
+python -m chexfound_jax.convert --to=jax --checkpoint=model_final.pth --out=head_dir/ [--head_name=...]
 """
 
 from __future__ import annotations
@@ -12,21 +15,46 @@ import sys
 
 from absl import app, flags, logging
 
-from chexfound_jax.convert import layouts, pytorch, torch_io
-from chexfound_jax.models import weights
+from chexfound_jax.convert import heads, layouts, pytorch, torch_io
+from chexfound_jax.models import classifiers, weights
 from chexfound_jax.models.vit import count_params
 
 _TO = flags.DEFINE_enum("to", None, ["jax", "pytorch"], "Direction of the conversion.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Input: a .pth/.safetensors file or a JAX weights dir.")
-_OUT = flags.DEFINE_string("out", None, "Output: a JAX weights dir, or a .pth/.safetensors file.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Input: .pth/.safetensors, or a weights / classifier dir.")
+_OUT = flags.DEFINE_string("out", None, "Output: a weights / classifier dir, or .pth/.safetensors.")
 _LAYOUT = flags.DEFINE_enum("layout", "chexfound", list(layouts.LAYOUTS), "PyTorch key layout to write.")
 _SOURCE = flags.DEFINE_enum("source", "teacher", list(pytorch.SOURCES), "Model to take from a model_checkpoint.pth.")
 _NUM_HEADS = flags.DEFINE_integer("num_heads", None, "Attention heads, if not embed_dim / 64 (DINOv2's sizes).")
 _NO_HEADS = flags.DEFINE_bool("no_heads", False, "Drop the DINO / iBOT heads (backbone only).")
+_HEAD_NAME = flags.DEFINE_string("head_name", None, "Classifier head to take from a file holding several.")
+_HEAD_LR = flags.DEFINE_float("head_lr", 0.001, "lr in the exported head's name, if the classifier dir has none.")
+_HEAD_NUM_HEADS = flags.DEFINE_integer("head_num_heads", 8, "GLoRI attention heads (not visible in the shapes).")
 
 
-def to_jax(checkpoint: str, out: str, source: str, num_heads: int | None, keep_heads: bool) -> None:
-    cfg, params = pytorch.import_state_dict(torch_io.read_checkpoint(checkpoint), source=source, num_heads=num_heads)
+def head_to_jax(obj: dict, out: str, name: str | None, num_heads: int) -> None:
+    name, sd = heads.read_head_file(obj, name)
+    parsed = heads.parse_head_name(name) if name else {}
+    cfg, state = heads.import_classifier(
+        sd,
+        n_blocks=parsed.get("n_blocks", 4),
+        avgpool=parsed.get("avgpool", False),
+        num_heads=num_heads,
+        where=f"{heads.PREFIX}{name}." if name else "",
+    )
+    metadata = {"head_name": name, "lr": parsed["lr"]} if name else {}
+    classifiers.save_classifier(out, cfg, state, metadata)
+    logging.info("wrote %s: %s head, %d classes", out, cfg.kind, cfg.num_classes)
+
+
+def head_to_pytorch(checkpoint: str, out: str, default_lr: float) -> None:
+    cfg, state, metadata = classifiers.load_classifier(checkpoint)
+    name = heads.head_name(float(metadata.get("lr", default_lr)), cfg.n_blocks, cfg.avgpool)
+    heads.write_head_file(out, name, heads.export_classifier(cfg, state))
+    logging.info("wrote %s: %s head %s", out, cfg.kind, name)
+
+
+def to_jax(obj: dict, out: str, source: str, num_heads: int | None, keep_heads: bool) -> None:
+    cfg, params = pytorch.import_state_dict(obj, source=source, num_heads=num_heads)
     if not keep_heads:
         cfg = type(cfg)(backbone=cfg.backbone)
         params = {"backbone": params["backbone"]}
@@ -49,10 +77,16 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         if _TO.value == "jax":
-            to_jax(_CHECKPOINT.value, _OUT.value, _SOURCE.value, _NUM_HEADS.value, not _NO_HEADS.value)
+            obj = torch_io.read_checkpoint(_CHECKPOINT.value)
+            if heads.is_head_checkpoint(obj):
+                head_to_jax(obj, _OUT.value, _HEAD_NAME.value, _HEAD_NUM_HEADS.value)
+            else:
+                to_jax(obj, _OUT.value, _SOURCE.value, _NUM_HEADS.value, not _NO_HEADS.value)
+        elif classifiers.is_classifier_dir(_CHECKPOINT.value):
+            head_to_pytorch(_CHECKPOINT.value, _OUT.value, _HEAD_LR.value)
         else:
             to_pytorch(_CHECKPOINT.value, _OUT.value, _LAYOUT.value, not _NO_HEADS.value)
-    except (layouts.ConversionError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"convert: {e}")
 
 
