@@ -1,0 +1,143 @@
+"""Driving a HeadBank over data: training with periodic validation, and ordered prediction.
+
+Works the same on one CPU, a GPU mesh or a multi-host TPU slice: each process reads the block of the
+global batch its devices hold (`process_data_shard`), and predictions are gathered on every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from chexfound_jax.data import classification
+from chexfound_jax.data.pipeline import DeviceIterator, global_batch, process_data_shard
+from chexfound_jax.eval.probe import HeadBank
+from chexfound_jax.train.checkpoint import Checkpointer
+from chexfound_jax.train.metrics import Progress
+
+
+@dataclasses.dataclass
+class Feeder:
+    """Where batches come from and how they are cut: shared by training and prediction."""
+
+    mesh: jax.sharding.Mesh
+    backbone: Any  # the FrozenFeatures state, replicated on the mesh
+    transform: classification.TrainTransform
+    global_batch: int
+    eval_batch: int
+    read_threads: int = 4
+    read_buffer: int = 8
+    num_workers: int = 0
+
+    @property
+    def batch_sharding(self) -> jax.sharding.NamedSharding:
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.mesh.axis_names))
+
+    def shard(self, batch: int) -> tuple[int, int]:
+        """(index, count) of the data shard this process reads for a global batch of `batch`."""
+        return process_data_shard(self.batch_sharding, batch)
+
+    def shardings(self, local: dict) -> dict:
+        axes = self.mesh.axis_names
+        return {
+            k: jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(axes, *[None] * (np.ndim(v) - 1)))
+            for k, v in local.items()
+        }
+
+    def _iter(self, ds: grain.MapDataset) -> grain.IterDataset:
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.read_buffer))
+        if self.num_workers > 0:
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers, per_worker_buffer_size=2))
+        return it
+
+
+def fit(
+    feeder: Feeder,
+    bank: HeadBank,
+    state: dict,
+    records: classification.LabelledRecords,
+    *,
+    seed: int,
+    steps: int,
+    log: dict,
+    on_step: Callable[[int, dict], None] | None = None,
+    log_every: int = 50,
+    checkpointer: Checkpointer | None = None,
+    config: Any = None,
+) -> dict:
+    """Trains the bank from state["step"] to `steps`; on_step(step, state) runs after each update.
+
+    Every `log_every` steps (and at the end) the per-head losses are appended to log["losses"] as
+    (step, list). With a `checkpointer`, the run resumes from its latest checkpoint (state and `log`,
+    which must stay JSON-able) and saves at its interval, on preemption and at the end. The data position
+    is the step: batch s of `train_batches` is the same whichever step a run resumes at.
+    """
+    log.setdefault("losses", [])
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        abstract = bank.abstract_state()
+        shardings = jax.tree.map(lambda _: bank.replicated, abstract)
+        state, saved, _ = checkpointer.restore(abstract_state=abstract, shardings=shardings)
+        log.clear()
+        log.update(saved)
+        logging.info("resumed head training at step %d from %s", int(state["step"]), checkpointer.directory)
+    start = int(jax.device_get(state["step"]))
+    if start >= steps:
+        return state
+    index, count = feeder.shard(feeder.global_batch)
+    local_batch = feeder.global_batch // count
+    ds = classification.train_batches(
+        records, feeder.transform, batch_size=local_batch, seed=seed, shard_index=index, shard_count=count
+    )[start:steps]
+    shapes = {"image": np.zeros((1,) * 4), "labels": np.zeros((1, 1)), "row": np.zeros(1)}
+    it = DeviceIterator(feeder._iter(ds), feeder.shardings(shapes), feeder.global_batch)
+    rng = jax.random.key(seed)
+    progress = Progress(steps, start, images_per_step=feeder.global_batch)
+    try:
+        for step in range(start + 1, steps + 1):
+            batch, _ = next(it)
+            state, losses = bank.train_step(state, feeder.backbone, {k: batch[k] for k in ("image", "labels")}, rng)
+            if step % log_every == 0 or step == steps:
+                host = np.asarray(jax.device_get(losses))
+                log["losses"].append((step, host.tolist()))
+                logging.info("%s loss per head %s", progress.tick(step), np.array2string(host, precision=4))
+            if on_step is not None:
+                on_step(step, state)
+            if checkpointer is not None and (step == steps or checkpointer.should_save(step)):
+                checkpointer.save(step, state, log, config or {}, force=step == steps)
+    finally:
+        it.close()
+        if checkpointer is not None:
+            checkpointer.wait()
+    return state
+
+
+def predict(
+    feeder: Feeder, bank: HeadBank, params: Any, rest: Any, records: classification.LabelledRecords
+) -> np.ndarray:
+    """Probabilities (H, N, K) of the stacked heads for every row of `records`, in row order, on every process."""
+    index, count = feeder.shard(feeder.eval_batch)
+    ds = classification.eval_batches(
+        records,
+        feeder.transform.image_size,
+        batch_size=feeder.eval_batch // count,
+        shard_index=index,
+        shard_count=count,
+    )
+    shardings = None
+    out = np.full((bank.size, len(records), bank.cfg.num_classes), np.nan, np.float32)
+    for local in feeder._iter(ds):
+        shardings = shardings or feeder.shardings(local)
+        batch = global_batch(local, shardings, feeder.eval_batch)
+        probs = bank.predict(params, rest, feeder.backbone, batch["image"])
+        probs, rows, valid = (
+            np.asarray(x) for x in multihost_utils.process_allgather((probs, batch["row"], batch["valid"]), tiled=True)
+        )
+        out[:, rows[valid]] = probs[:, valid]
+    return out

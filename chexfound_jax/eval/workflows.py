@@ -1,0 +1,599 @@
+"""The evaluation workflows: probe (linear or GLoRI), label efficiency, out-of-distribution, predict.
+
+Each takes an `Environment` (frozen backbone on a mesh, config) and a work directory, and writes its
+results there: the trained head (a classifier dir that `convert` exports to PyTorch), metrics with
+bootstrap CIs as JSON and Markdown, curves, attention overlays and per-image predictions as CSV.
+Only process 0 writes files; every process computes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from chexfound_jax.data import classification, preprocess
+from chexfound_jax.eval import loop, metrics, reports, subsample, tasks
+from chexfound_jax.eval.probe import FrozenFeatures, HeadBank, Optimization, select_best, stack_heads
+from chexfound_jax.models import classifiers
+from chexfound_jax.train.checkpoint import Checkpointer
+
+
+@dataclasses.dataclass
+class Environment:
+    """What every workflow shares: config, the frozen backbone on its mesh, and the batch feeder."""
+
+    cfg: Any
+    features: FrozenFeatures
+    feeder: loop.Feeder
+    checkpoint: str
+    _banks: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def lead(self) -> bool:
+        return jax.process_index() == 0
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(self.cfg.data.datasets)
+
+    def head_config(self, num_classes: int) -> classifiers.ClassifierConfig:
+        h = self.cfg.head
+        return classifiers.ClassifierConfig(
+            kind=h.kind,
+            num_classes=num_classes,
+            embed_dim=self.features.cfg.embed_dim,
+            n_blocks=self.features.n_blocks,
+            avgpool=h.avgpool,
+            decoder_dim=h.decoder_dim,
+            num_heads=h.num_heads,
+            ffn_dim=h.ffn_dim,
+            dropout=h.dropout,
+            cat_cls=h.cat_cls,
+        )
+
+    def bank(self, head_cfg: classifiers.ClassifierConfig, lrs: Sequence[float]) -> HeadBank:
+        """The HeadBank of these heads, one per configuration: its compiled steps serve every run."""
+        key = (head_cfg, tuple(float(lr) for lr in lrs))
+        if key not in self._banks:
+            t = self.cfg.train
+            opt = Optimization(key[1], t.weight_decay, t.asymmetric_loss)
+            self._banks[key] = HeadBank(head_cfg, opt, self.features, self.feeder.mesh)
+        return self._banks[key]
+
+    def records(self, *tables: tasks.LabelTable) -> classification.LabelledRecords:
+        return classification.LabelledRecords(self.datasets, tables)
+
+    def batch_for(self, n: int) -> int:
+        """The configured global batch, capped at the set size and kept a multiple of the device count."""
+        devices = self.feeder.mesh.size
+        batch = min(int(self.cfg.train.batch_size), n)
+        batch -= batch % devices
+        if batch < devices:
+            raise ValueError(f"{n} training images cannot fill a batch over {devices} devices")
+        return batch
+
+
+# --- training a head ------------------------------------------------------------------------------
+
+
+def _validation_scores(
+    env: Environment, bank: HeadBank, state: dict, val: classification.LabelledRecords, names: Sequence[str]
+) -> list[float]:
+    probs = loop.predict(env.feeder, bank, state["params"], state["rest"], val)
+    key = env.cfg.eval.selection_metric
+    if key not in ("auroc", "ap"):
+        raise ValueError(f"eval.selection_metric must be 'auroc' or 'ap', got {key!r}")
+    return [metrics.classification_metrics(val.labels, p, names, n_bootstrap=0)["macro"][key] for p in probs]
+
+
+def _checkpointer(env: Environment, directory: epath.Path | None) -> Checkpointer | None:
+    every = int(env.cfg.train.checkpoint_every)
+    if directory is None or every <= 0:
+        return None
+    return Checkpointer(directory, save_every=every, keep_last=1)
+
+
+def _fit(
+    env: Environment,
+    bank: HeadBank,
+    state: dict,
+    records,
+    *,
+    seed: int,
+    steps: int,
+    log: dict,
+    ckpt_dir: epath.Path | None,
+    on_step=None,
+) -> dict:
+    ckpt = _checkpointer(env, ckpt_dir)
+    try:
+        return loop.fit(
+            env.feeder,
+            bank,
+            state,
+            records,
+            seed=seed,
+            steps=steps,
+            log=log,
+            on_step=on_step,
+            log_every=int(env.cfg.train.log_every),
+            checkpointer=ckpt,
+            config=env.cfg,
+        )
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+
+
+def train_head(
+    env: Environment,
+    train: tasks.LabelTable,
+    val: tasks.LabelTable,
+    names: Sequence[str],
+    *,
+    refit: bool,
+    seed: int,
+    log: dict,
+    ckpt_dir: epath.Path | None = None,
+) -> tuple[classifiers.ClassifierConfig, Any, Any, float]:
+    """Phase 1 (all lrs, select on val) and, if `refit`, phase 2 (best lr, train + val); -> (cfg, params, rest, lr).
+
+    With `ckpt_dir`, each phase checkpoints there (train.checkpoint_every) and a rerun resumes it.
+    """
+    t = env.cfg.train
+    head_cfg = env.head_config(len(names))
+    records = env.records(train)
+    batch = env.batch_for(len(records))
+    epoch = classification.num_batches(len(records), batch)
+    total = int(t.val_epochs) * epoch
+    env.feeder.global_batch = batch
+    bank = env.bank(head_cfg, t.lrs)
+    val_records = env.records(val)
+    period = max(1, int(t.eval_period_epochs) * epoch)
+    phase1: dict = {"images": len(records), "batch": batch, "steps": total, "lrs": list(t.lrs), "evals": []}
+
+    def on_step(step: int, state: dict) -> None:
+        if step % period == 0 or step == total:
+            scores = _validation_scores(env, bank, state, val_records, names)
+            phase1["evals"].append({"step": step, "epoch": step / epoch, "val": scores})
+            logging.info("step %d val %s per lr: %s", step, env.cfg.eval.selection_metric, np.round(scores, 4))
+
+    logging.info("phase 1: %d heads, %d images, batch %d, %d steps", bank.size, len(records), batch, total)
+    state = _fit(
+        env,
+        bank,
+        bank.init(seed, total),
+        records,
+        seed=seed,
+        steps=total,
+        log=phase1,
+        on_step=on_step,
+        ckpt_dir=ckpt_dir and ckpt_dir / "phase1",
+    )
+    final = phase1["evals"][-1]["val"]
+    best = select_best(final)
+    lr = float(t.lrs[best])
+    phase1.update(best_index=best, best_lr=lr, best_val=final[best])
+    log["phase1"] = phase1
+    params, rest = bank.head(state, best)
+    if not refit:
+        return head_cfg, params, rest, lr
+    records = env.records(train, val)
+    batch = env.batch_for(len(records))
+    total = int(t.epochs) * classification.num_batches(len(records), batch)
+    env.feeder.global_batch = batch
+    bank = env.bank(head_cfg, (lr,))
+    if env.cfg.refit.warm_start:  # the official phase 2 resumes the phase-1 winner's weights
+        state = bank.from_heads(*stack_heads([(params, rest)]), total)
+    else:
+        state = bank.init(seed + 1, total)
+    phase2: dict = {
+        "images": len(records),
+        "batch": batch,
+        "steps": total,
+        "lr": lr,
+        "warm_start": bool(env.cfg.refit.warm_start),
+    }
+    logging.info("phase 2 (refit): lr %g, %d images (train + val), batch %d, %d steps", lr, len(records), batch, total)
+    state = _fit(
+        env, bank, state, records, seed=seed + 1, steps=total, log=phase2, ckpt_dir=ckpt_dir and ckpt_dir / "phase2"
+    )
+    log["phase2"] = phase2
+    params, rest = bank.head(state, 0)
+    return head_cfg, params, rest, lr
+
+
+# --- testing a head -------------------------------------------------------------------------------
+
+
+def predict_head(env: Environment, head_cfg, params, rest, records: classification.LabelledRecords) -> np.ndarray:
+    """(N, K) probabilities of one head."""
+    bank = env.bank(head_cfg, (0.0,))
+    stacked = stack_heads([(params, rest)])
+    return loop.predict(env.feeder, bank, *stacked, records)[0]
+
+
+def write_predictions(
+    path: epath.Path, ids: Sequence[str], probs: np.ndarray, names: Sequence[str], id_column: str
+) -> None:
+    """The per-image probability CSV (CXR-LT submission layout with id_column="dicom_id")."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([id_column, *names])
+    for i, row in zip(ids, probs):
+        w.writerow([i, *(f"{p:.6f}" for p in row)])
+    path.write_text(buf.getvalue())
+
+
+def display_image(records: classification.LabelledRecords, row: int, size: int) -> np.ndarray:
+    """The (size, size) uint8 grayscale evaluation crop of a row, for overlays."""
+    img = Image.fromarray(classification.augment.to_uint8(records.image(row)))
+    return np.asarray(preprocess.center_crop(preprocess.resize_shorter(img, size), size))
+
+
+def write_overlays(
+    env: Environment,
+    out: epath.Path,
+    head_cfg,
+    params,
+    rest,
+    records: classification.LabelledRecords,
+    probs: np.ndarray,
+    names: Sequence[str],
+) -> list[str]:
+    """GLoRI attention overlays (spec §5.3) of the first test images, for their most probable classes."""
+    n = min(int(env.cfg.report.overlays), len(records))
+    if head_cfg.kind != "glori" or n == 0:
+        return []
+    size = env.feeder.transform.image_size
+    grid = size // env.features.cfg.patch_size
+    bank = env.bank(head_cfg, (0.0,))
+    written = []
+    for row in range(n):
+        x = classification.eval_image(records.image(row), size)[None]
+        _, attn = bank.attention(params, rest, env.feeder.backbone, x)
+        top = np.argsort(-probs[row])[: int(env.cfg.report.overlay_classes)]
+        written += reports.save_attention_overlays(
+            out / f"image_{row:04d}",
+            display_image(records, row, size),
+            np.asarray(attn[0]),
+            (grid, grid),
+            names,
+            classes=[int(k) for k in top],
+            probs=probs[row],
+        )
+    return [str(p) for p in written]
+
+
+def test_head(
+    env: Environment,
+    out: epath.Path,
+    head_cfg,
+    params,
+    rest,
+    table: tasks.LabelTable,
+    names: Sequence[str],
+    *,
+    title: str,
+    extra: dict,
+    plots: bool = True,
+) -> dict:
+    """Test-set probabilities -> metrics with CIs, reports, predictions CSV (and overlays)."""
+    m = env.cfg.metrics
+    records = env.records(table)
+    probs = predict_head(env, head_cfg, params, rest, records)
+    results = metrics.classification_metrics(
+        table.labels, probs, names, n_bootstrap=int(m.n_bootstrap), seed=int(m.seed), confidence=float(m.confidence)
+    )
+    results.update(extra)
+    if env.lead:
+        out.mkdir(parents=True, exist_ok=True)
+        results["files"] = reports.write_report(
+            out,
+            results,
+            labels=table.labels,
+            probs=probs,
+            class_names=names,
+            title=title,
+            plots=plots and bool(env.cfg.report.plots),
+        )
+        write_predictions(out / "predictions.csv", table.image_id, probs, names, env.cfg.predict.id_column)
+        if plots:
+            results["overlays"] = write_overlays(env, out / "attention", head_cfg, params, rest, records, probs, names)
+    return results
+
+
+def save_head(env: Environment, directory: epath.Path, head_cfg, params, rest, metadata: dict) -> None:
+    """The trained head as a classifier dir (gathered from the mesh; written by process 0)."""
+    module = env.bank(head_cfg, (0.0,)).module(params, rest)
+    state = multihost_utils.process_allgather(nnx.state(module).to_pure_dict(), tiled=True)
+    if env.lead:
+        classifiers.save_classifier(directory, head_cfg, jax.tree.map(np.asarray, state), metadata)
+
+
+# --- workflows ------------------------------------------------------------------------------------
+
+
+def _task_tables(env: Environment, splits: Sequence[str]) -> tuple[tasks.TaskSpec, dict[str, tasks.LabelTable]]:
+    task = tasks.task_from_config(env.cfg.task)
+    tables = tasks.load_task(env.datasets, task, splits=tuple(splits))
+    for name, table in tables.items():
+        if len(table) == 0:
+            raise ValueError(f"task {task.name}: the {name} split is empty in {env.datasets}")
+    return task, tables
+
+
+def _head_metadata(env: Environment, task: tasks.TaskSpec, lr: float, log: dict) -> dict:
+    return {
+        "task": task.name,
+        "class_names": list(task.class_names),
+        "lr": lr,
+        "backbone_checkpoint": env.checkpoint,
+        "image_size": env.feeder.transform.image_size,
+        "training": {k: {kk: vv for kk, vv in v.items() if kk not in ("losses", "evals")} for k, v in log.items()},
+    }
+
+
+def run_probe(env: Environment, workdir: epath.Path) -> dict:
+    """Linear or GLoRI probe: select the lr on val, refit on train + val (unless disabled), test."""
+    task, tables = _task_tables(env, ("train", "val", "test"))
+    names = task.class_names
+    log: dict = {}
+    head_cfg, params, rest, lr = train_head(
+        env,
+        tables["train"],
+        tables["val"],
+        names,
+        refit=bool(env.cfg.refit.enabled),
+        seed=int(env.cfg.train.seed),
+        log=log,
+        ckpt_dir=workdir / "checkpoints",
+    )
+    save_head(env, workdir / "head", head_cfg, params, rest, _head_metadata(env, task, lr, log))
+    extra = {
+        "task": task.name,
+        "head": head_cfg.kind,
+        "lr": lr,
+        "checkpoint": env.checkpoint,
+        "splits": {k: len(v) for k, v in tables.items()},
+    }
+    results = test_head(
+        env,
+        workdir / "test",
+        head_cfg,
+        params,
+        rest,
+        tables["test"],
+        names,
+        title=f"{task.name}: {head_cfg.kind} probe, test",
+        extra=extra,
+    )
+    if env.lead:
+        reports.write_json(workdir / "training.json", log)
+    return results
+
+
+def run_label_efficiency(env: Environment, workdir: epath.Path) -> dict:
+    """Probes trained on seeded, stratified, patient-level fractions of train; val selects, never trains."""
+    task, tables = _task_tables(env, ("train", "val", "test"))
+    le = env.cfg.label_efficiency
+    runs = []
+    for fraction, repeat, seed in subsample.label_efficiency_runs(tuple(le.fractions), int(le.repeats), int(le.seed)):
+        train = subsample.subsample(tables["train"], fraction, seed)
+        out = workdir / f"fraction_{fraction:g}" / f"repeat_{repeat}"
+        log: dict = {}
+        head_cfg, params, rest, lr = train_head(
+            env, train, tables["val"], task.class_names, refit=False, seed=seed, log=log, ckpt_dir=out / "checkpoints"
+        )
+        extra = {
+            "task": task.name,
+            "fraction": fraction,
+            "repeat": repeat,
+            "seed": seed,
+            "lr": lr,
+            "train_images": len(train),
+            "train_patients": len(np.unique(train.patient_id)),
+        }
+        result = test_head(
+            env,
+            out,
+            head_cfg,
+            params,
+            rest,
+            tables["test"],
+            task.class_names,
+            title=f"{task.name}: {fraction:g} of train, repeat {repeat}",
+            extra=extra,
+            plots=False,
+        )
+        runs.append({k: result[k] for k in ("macro", *extra)})
+    summary = summarize_label_efficiency(runs)
+    if env.lead:
+        reports.write_json(workdir / "label_efficiency.json", {"task": task.name, "runs": runs, "summary": summary})
+        (workdir / "label_efficiency.md").write_text(label_efficiency_markdown(task.name, summary))
+    return {"runs": runs, "summary": summary}
+
+
+def summarize_label_efficiency(runs: Sequence[dict]) -> list[dict]:
+    """Mean, standard deviation and range of the macro test metrics per fraction."""
+    out = []
+    for fraction in sorted({r["fraction"] for r in runs}):
+        group = [r for r in runs if r["fraction"] == fraction]
+        row: dict[str, Any] = {
+            "fraction": fraction,
+            "runs": len(group),
+            "train_images": [r["train_images"] for r in group],
+        }
+        for key in ("auroc", "ap"):
+            values = np.asarray([r["macro"][key] for r in group], np.float64)
+            row[key] = {
+                "mean": float(np.nanmean(values)),
+                "std": float(np.nanstd(values)),
+                "min": float(np.nanmin(values)),
+                "max": float(np.nanmax(values)),
+                "values": values.tolist(),
+            }
+        out.append(row)
+    return out
+
+
+def label_efficiency_markdown(task: str, summary: Sequence[dict]) -> str:
+    lines = [
+        f"# {task}: label efficiency (test, macro)",
+        "",
+        "| fraction | runs | train images | AUROC | AP |",
+        "|---:|---:|---|---|---|",
+    ]
+    for r in summary:
+        cells = [f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in ("auroc", "ap")]
+        lines.append(
+            f"| {r['fraction']:g} | {r['runs']} | {', '.join(map(str, r['train_images']))} | {' | '.join(cells)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def load_head(env: Environment, directory: str) -> tuple[classifiers.ClassifierConfig, Any, Any, dict]:
+    """A saved head as (cfg, params, rest, metadata), checked against the backbone."""
+    if not directory:
+        raise ValueError("no head given: set ood.head / predict.head to a trained head directory")
+    cfg, state, meta = classifiers.load_classifier(directory)
+    if cfg.embed_dim != env.features.cfg.embed_dim or cfg.n_blocks != env.features.n_blocks:
+        raise ValueError(
+            f"{directory}: head expects {cfg.n_blocks} blocks of width {cfg.embed_dim}, the backbone gives "
+            f"{env.features.n_blocks} of width {env.features.cfg.embed_dim} (backbone.n_last_blocks)"
+        )
+    module = classifiers.classifier_from_state(cfg, state)
+    _, params, rest = nnx.split(module, nnx.Param, ...)
+    names = meta.get("class_names") or [f"class_{k}" for k in range(cfg.num_classes)]
+    return cfg, params, rest, {**meta, "class_names": list(names)}
+
+
+def run_ood(env: Environment, workdir: epath.Path) -> dict:
+    """A head trained on one task, tested on another task's test split, on the classes both name."""
+    head_cfg, params, rest, meta = load_head(env, env.cfg.ood.head)
+    task, tables = _task_tables(env, ("test",))
+    table = tables["test"]
+    head_names = [n.lower() for n in meta["class_names"]]
+    pairs = [(head_names.index(n.lower()), k) for k, n in enumerate(task.class_names) if n.lower() in head_names]
+    if not pairs:
+        raise ValueError(f"head classes {meta['class_names']} share no class with task {task.name} {task.class_names}")
+    records = env.records(table)
+    probs = predict_head(env, head_cfg, params, rest, records)
+    head_idx, task_idx = (list(x) for x in zip(*pairs))
+    names = [task.class_names[k] for k in task_idx]
+    m = env.cfg.metrics
+    results = metrics.classification_metrics(
+        table.labels[:, task_idx],
+        probs[:, head_idx],
+        names,
+        n_bootstrap=int(m.n_bootstrap),
+        seed=int(m.seed),
+        confidence=float(m.confidence),
+    )
+    results.update({"task": task.name, "head_dir": env.cfg.ood.head, "head_task": meta.get("task")})
+    if env.lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        results["files"] = reports.write_report(
+            workdir,
+            results,
+            labels=table.labels[:, task_idx],
+            probs=probs[:, head_idx],
+            class_names=names,
+            title=f"out of distribution: {meta.get('task')} head on {task.name}",
+            plots=bool(env.cfg.report.plots),
+        )
+        write_predictions(
+            workdir / "predictions.csv", table.image_id, probs, meta["class_names"], env.cfg.predict.id_column
+        )
+    return results
+
+
+def _predict_arrays(env: Environment, bank: HeadBank, params, rest, images: np.ndarray) -> np.ndarray:
+    """(N, K) probabilities of preprocessed images (the same array on every process), in fixed-size batches."""
+    size = env.feeder.eval_batch
+    sharding = env.feeder.batch_sharding
+    out = []
+    for start in range(0, len(images), size):
+        chunk = images[start : start + size]
+        real = len(chunk)
+        chunk = np.concatenate([chunk, np.zeros((size - real, *chunk.shape[1:]), chunk.dtype)])
+        x = jax.make_array_from_callback(chunk.shape, sharding, lambda idx, c=chunk: c[idx])
+        probs = multihost_utils.process_allgather(bank.predict(params, rest, env.feeder.backbone, x), tiled=True)
+        out.append(np.asarray(probs)[0, :real])
+    return np.concatenate(out) if out else np.zeros((0, bank.cfg.num_classes), np.float32)
+
+
+def run_predict(env: Environment, workdir: epath.Path, images: Sequence[str] = ()) -> dict:
+    """Per-image probabilities of a trained head as CSV, for image/DICOM files or a data_prep split.
+
+    Files that cannot be read are skipped and listed in predict_failures.csv; inputs = written + failed.
+    """
+    p = env.cfg.predict
+    head_cfg, params, rest, meta = load_head(env, p.head)
+    names = meta["class_names"]
+    bank = env.bank(head_cfg, (0.0,))
+    stacked = stack_heads([(params, rest)])
+    size = env.feeder.transform.image_size
+    files = list(images) or list(p.images)
+    failures: list[tuple[str, str]] = []
+    if files:
+        arrays, ids = [], []
+        for path in files:
+            try:
+                arrays.append(preprocess.preprocess(path, resize_size=size, crop_size=size))
+                ids.append(epath.Path(path).name.rsplit(".", 1)[0])
+            except (preprocess.ImageError, OSError) as e:
+                failures.append((str(path), str(e)))
+                logging.warning("predict: skipping %s: %s", path, e)
+        images_arr = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.float32)
+        probs = _predict_arrays(env, bank, *stacked, images_arr)
+    elif p.split:
+        meta_rows = tasks.read_metadata(env.datasets, p.split)
+        n = len(meta_rows["image_id"])
+        table = tasks.LabelTable(
+            task="predict",
+            split=p.split,
+            shard_split=p.split,
+            record_index=np.arange(n, dtype=np.int64),
+            labels=np.full((n, len(names)), np.nan, np.float32),
+            patient_id=meta_rows["patient_id"],
+            image_id=meta_rows["image_id"],
+            path=meta_rows["path"],
+        )
+        probs = loop.predict(env.feeder, bank, *stacked, env.records(table))[0]
+        ids = list(table.image_id)
+    else:
+        raise ValueError("nothing to predict: give image files, predict.images, or predict.split with data.datasets")
+    summary = {
+        "inputs": len(files) if files else len(ids),
+        "written": len(ids),
+        "failed": len(failures),
+        "head": p.head,
+        "classes": names,
+    }
+    if summary["inputs"] != summary["written"] + summary["failed"]:  # pragma: no cover - a bug, not bad input
+        raise AssertionError(f"predict counts do not reconcile: {summary}")
+    if env.lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_predictions(workdir / p.output, ids, probs, names, p.id_column)
+        if failures:
+            buf = io.StringIO()
+            csv.writer(buf).writerows([("path", "reason"), *failures])
+            (workdir / "predict_failures.csv").write_text(buf.getvalue())
+        reports.write_json(workdir / "predict_summary.json", summary)
+    logging.info("predict: %d images -> %s (%d skipped)", len(ids), workdir / p.output, len(failures))
+    return summary
+
+
+WORKFLOWS = {"probe": run_probe, "label_efficiency": run_label_efficiency, "ood": run_ood}

@@ -1,0 +1,125 @@
+r"""Evaluate a CheXFound backbone on downstream chest X-ray tasks: linear / GLoRI probes and more.
+
+  python -m chexfound_jax.evaluate --config=configs/eval/glori_cxrlt.py --checkpoint=WEIGHTS --workdir=OUT \
+      --config.data.datasets='("gs://bucket/cxr_lt/1.0.0",)'
+
+--checkpoint is a chexfound_jax weights directory (`convert --to=jax`, or a pretraining export) or a
+PyTorch CheXFound/DINOv2 checkpoint (.pth / .safetensors, read with weights_only). `config.workflow`:
+
+  probe             train heads on the frozen backbone (one per lr), select on val, refit on train + val,
+                    test: workdir/head (a classifier dir), workdir/test (metrics, curves, overlays, CSV)
+  label_efficiency  probes on seeded stratified patient-level fractions of train, several repeats
+  ood               a trained head (ood.head) on another task's test split
+  predict           per-image probabilities of a trained head (predict.head) as CSV, for the image or DICOM
+                    files given as arguments (or predict.images), or a data_prep split (predict.split)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from absl import app, flags, logging
+from etils import epath
+from ml_collections import config_flags
+
+from chexfound_jax.data import classification
+from chexfound_jax.eval import loop, workflows
+from chexfound_jax.eval.probe import FrozenFeatures
+from chexfound_jax.models import weights
+from chexfound_jax.models.vit import ViTConfig
+from chexfound_jax.parallel.mesh import create_mesh
+from chexfound_jax.pretrain import initialize_distributed
+from chexfound_jax.train.metrics import MetricsWriter
+
+
+def load_backbone(checkpoint: str, num_heads: int | None = None) -> tuple[ViTConfig, dict]:
+    """(backbone config, backbone params) from a weights directory or a PyTorch checkpoint file."""
+    path = epath.Path(checkpoint)
+    if path.is_dir():
+        cfg, params = weights.load_weights(path)
+        return cfg.backbone, params["backbone"]
+    if not path.exists():
+        raise FileNotFoundError(f"{checkpoint} not found")
+    from chexfound_jax.convert import pytorch, torch_io
+
+    cfg, params = pytorch.import_state_dict(torch_io.read_checkpoint(path), num_heads=num_heads)
+    return cfg.backbone, params["backbone"]
+
+
+def environment(cfg: Any, checkpoint: str, devices: Sequence[jax.Device] | None = None) -> workflows.Environment:
+    """The frozen backbone replicated on the configured mesh, and the batch feeder."""
+    vit_cfg, params = load_backbone(checkpoint, cfg.backbone.num_heads)
+    mesh = create_mesh(dict(cfg.mesh), devices)
+    with jax.set_mesh(mesh):
+        features = FrozenFeatures(vit_cfg, params, int(cfg.backbone.n_last_blocks), cfg.backbone.dtype)
+    backbone = jax.device_put(features.state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    d = cfg.data
+    transform = classification.TrainTransform(
+        image_size=int(d.image_size),
+        scale=tuple(d.train_scale),
+        flip_p=float(d.flip_p),
+        rot90_p=float(d.rot90_p),
+        minmax=bool(d.train_minmax),
+    )
+    eval_batch = max(mesh.size, int(cfg.eval.batch_size) // mesh.size * mesh.size)
+    feeder = loop.Feeder(
+        mesh=mesh,
+        backbone=backbone,
+        transform=transform,
+        global_batch=int(cfg.train.batch_size),
+        eval_batch=eval_batch,
+        read_threads=int(d.read_threads),
+        read_buffer=int(d.read_buffer),
+        num_workers=int(d.num_workers),
+    )
+    return workflows.Environment(cfg=cfg, features=features, feeder=feeder, checkpoint=str(checkpoint))
+
+
+def evaluate(
+    cfg: Any,
+    checkpoint: str,
+    workdir: str | epath.Path,
+    images: Sequence[str] = (),
+    devices: Sequence[jax.Device] | None = None,
+) -> dict:
+    """Runs `cfg.workflow`; returns its results (also written under workdir)."""
+    workdir = epath.Path(workdir)
+    if cfg.workflow not in (*workflows.WORKFLOWS, "predict"):
+        raise ValueError(f"workflow must be one of {[*workflows.WORKFLOWS, 'predict']}, got {cfg.workflow!r}")
+    if not cfg.data.datasets and cfg.workflow != "predict":
+        raise ValueError("data.datasets is empty: name the data_prep dataset dirs holding the task's shards")
+    env = environment(cfg, checkpoint, devices)
+    with MetricsWriter(workdir, enabled=env.lead) as writer:
+        writer.write_config(cfg)
+    if cfg.workflow == "predict":
+        return workflows.run_predict(env, workdir, images)
+    return workflows.WORKFLOWS[cfg.workflow](env, workdir)
+
+
+def define_flags() -> None:
+    """The program's flags; defined only when run as a program, so importing `evaluate` claims no flag names."""
+    config_flags.DEFINE_config_file("config", None, "Evaluation config file.", lock_config=True)
+    flags.DEFINE_string("checkpoint", None, "Backbone: a weights directory, or a .pth / .safetensors file.")
+    flags.DEFINE_string("workdir", None, "Output directory (local or gs://).")
+    flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+
+
+def main(argv: Sequence[str]) -> None:
+    cfg = flags.FLAGS.config
+    if len(argv) > 1 and cfg.workflow != "predict":
+        raise app.UsageError(f"unexpected arguments: {argv[1:]} (image files are for workflow=predict)")
+    initialize_distributed(cfg)
+    try:
+        results = evaluate(cfg, flags.FLAGS.checkpoint, flags.FLAGS.workdir, argv[1:])
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"evaluate: {e}") from None
+    macro = results.get("macro")
+    if macro:
+        logging.info("test macro AUROC %.4f, mAP %.4f", macro["auroc"], macro["ap"])
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,11 @@
+"""GLoRI (--cat-cls) on the `nih` task of chexfound_jax.eval.tasks (classes, label policy and splits there)."""
+
+import ml_collections
+
+from configs.eval import base
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = base.get_config()
+    c.task.name = "nih"
+    return c

@@ -1,0 +1,132 @@
+"""The head bank: AdamW + cosine per lr against torch, NaN handling, and exact resume from checkpoints."""
+
+import numpy as np
+import pytest
+import synthetic
+from helpers import TINY_HEADS, TINY_TEACHER
+
+from chexfound_jax.data import classification
+from chexfound_jax.eval import loop
+from chexfound_jax.eval.probe import FrozenFeatures, HeadBank, Optimization
+from chexfound_jax.evaluate import load_backbone
+from chexfound_jax.models.classifiers import ClassifierConfig
+from chexfound_jax.parallel.mesh import create_mesh
+from chexfound_jax.train.checkpoint import Checkpointer
+
+torch = pytest.importorskip("torch")
+import jax  # noqa: E402
+
+LRS = (1e-3, 3e-2)
+
+
+@pytest.fixture(scope="module")
+def features():
+    vit, params = load_backbone(str(TINY_TEACHER), TINY_HEADS)
+    return FrozenFeatures(vit, params, n_blocks=4)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return create_mesh({"data": -1})
+
+
+def linear_bank(features, mesh, lrs=LRS):
+    cfg = ClassifierConfig(kind="linear", num_classes=3, embed_dim=features.cfg.embed_dim)
+    return HeadBank(cfg, Optimization(lrs, weight_decay=1e-4), features, mesh)
+
+
+def test_every_head_follows_torch_adamw_with_cosine_annealing(features, mesh):
+    bank = linear_bank(features, mesh)
+    total, steps = 5, 4
+    state = bank.init(0, total)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((8, 32, 32, 3)).astype(np.float32)
+    labels = (rng.random((8, 3)) < 0.4).astype(np.float32)
+    labels[0, 1] = np.nan  # unknown: masked
+    backbone = jax.device_put(features.state, bank.replicated)
+    batch = {k: jax.device_put(v, bank.batch_sharding) for k, v in (("image", images), ("labels", labels))}
+    feats = np.array(jax.jit(features.__call__)(backbone, batch["image"])["cls"])
+    init = jax.tree.map(np.asarray, state["params"].to_pure_dict())
+    for _ in range(steps):
+        state, _ = bank.train_step(state, backbone, batch, jax.random.key(0))
+    got = state["params"].to_pure_dict()["linear"]
+
+    known = np.isfinite(labels)
+    x, y = torch.from_numpy(feats), torch.from_numpy(np.where(known, labels, 0.0).astype(np.float32))
+    loss_fn = torch.nn.BCEWithLogitsLoss(weight=torch.from_numpy(known.astype(np.float32)), reduction="sum")
+    for h, lr in enumerate(LRS):
+        head = torch.nn.Linear(feats.shape[1], 3)
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(init["linear"]["kernel"][h].T))
+            head.bias.copy_(torch.from_numpy(init["linear"]["bias"][h]))
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=0)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss_fn(head(x), y).backward()
+            opt.step()
+            sched.step()
+        np.testing.assert_allclose(np.asarray(got["kernel"][h]), head.weight.detach().numpy().T, rtol=2e-4, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(got["bias"][h]), head.bias.detach().numpy(), rtol=2e-4, atol=2e-6)
+
+
+def test_unknown_labels_give_no_gradient_only_weight_decay(features, mesh):
+    bank = linear_bank(features, mesh)
+    state = bank.init(1, 10)
+    before = jax.tree.map(np.asarray, state["params"].to_pure_dict())
+    batch = {
+        "image": jax.device_put(np.ones((8, 32, 32, 3), np.float32), bank.batch_sharding),
+        "labels": jax.device_put(np.full((8, 3), np.nan, np.float32), bank.batch_sharding),
+    }
+    backbone = jax.device_put(features.state, bank.replicated)
+    state, losses = bank.train_step(state, backbone, batch, jax.random.key(0))
+    assert np.all(np.asarray(losses) == 0.0)
+    after = state["params"].to_pure_dict()
+    for h, lr in enumerate(LRS):  # step 0: the full lr; decoupled decay p <- p (1 - lr wd)
+        want = before["linear"]["kernel"][h] * (1 - lr * 1e-4)
+        np.testing.assert_allclose(np.asarray(after["linear"]["kernel"][h]), want, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe_data")
+    ds = synthetic.build_shards(synthetic.write_release(root / "release", {"train": 24}), root / "shards")
+    from chexfound_jax.eval import tasks
+
+    table = tasks.load_task(
+        [ds],
+        tasks.task_from_config({**synthetic.task_config(), "splits": {"train": {"shard_split": "train"}}}),
+        splits=("train",),
+    )["train"]
+    return classification.LabelledRecords([ds], [table])
+
+
+def test_resumed_training_is_bitwise_the_uninterrupted_run(features, mesh, records, tmp_path):
+    cfg = ClassifierConfig(
+        kind="glori", num_classes=2, embed_dim=features.cfg.embed_dim, decoder_dim=16, num_heads=2, ffn_dim=32
+    )
+    bank = HeadBank(cfg, Optimization(LRS), features, mesh)
+    backbone = jax.device_put(features.state, bank.replicated)
+    feeder = loop.Feeder(
+        mesh=mesh,
+        backbone=backbone,
+        transform=classification.TrainTransform(image_size=32),
+        global_batch=8,
+        eval_batch=8,
+        read_threads=1,
+        read_buffer=2,
+    )
+    total = 6
+    straight = loop.fit(feeder, bank, bank.init(0, total), records, seed=3, steps=total, log={})
+
+    with Checkpointer(tmp_path, save_every=2, keep_last=1, async_save=False) as ckpt:
+        interrupted = loop.fit(
+            feeder, bank, bank.init(0, total), records, seed=3, steps=3, log={"note": "x"}, checkpointer=ckpt
+        )
+        assert ckpt.latest_step() == 3 and int(interrupted["step"]) == 3
+    log: dict = {}
+    with Checkpointer(tmp_path, save_every=2, keep_last=1, async_save=False) as ckpt:
+        resumed = loop.fit(feeder, bank, bank.init(99, total), records, seed=3, steps=total, log=log, checkpointer=ckpt)
+    assert log["note"] == "x" and [s for s, _ in log["losses"]][-1] == total  # the saved log came back and grew
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
