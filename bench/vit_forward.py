@@ -5,7 +5,7 @@ they are device buffers rather than baked-in constants. It is compiled ahead of 
 compile time is printed), run --warmup times, then timed --iters times, each call waited on with
 block_until_ready; the median is reported. TFLOP/s uses the analytic matmul FLOPs of
 chexfound_jax.models.flops, the model FLOPs of MFU accounting, not XLA's count. Weights are
-random (nnx.Rngs, initialised under jax.jit, see init_random); timings do not depend on their values.
+random (chexfound_jax.models.build.init_random); timings do not depend on their values.
 
 Usage, from the repository root (or with the package installed, `python bench/vit_forward.py`):
     python -m bench.vit_forward --resolution=224 --batch=2 --dtype=float32
@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
+from chexfound_jax.models.build import init_random
 from chexfound_jax.models.flops import vit_forward_flops
-from chexfound_jax.models.vit import ARCHS, Block, VisionTransformer, ViTConfig, count_params, vit_config
+from chexfound_jax.models.vit import ARCHS, count_params, vit_config
 
 _ARCH = flags.DEFINE_enum("arch", "vit_large", sorted(ARCHS), "Backbone size.")
 _PATCH = flags.DEFINE_integer("patch_size", 16, "Patch size.")
@@ -42,23 +43,6 @@ _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise each block (no effect 
 _ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed iterations after compilation.")
 _SEED = flags.DEFINE_integer("seed", 0, "Weight and input seed.")
-
-
-def init_random(cfg: ViTConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
-    """Random backbone weights (nnx.Rngs), as (graphdef, state).
-
-    Initialised under jax.jit one block at a time: the blocks are identical, so one compiled block
-    initialiser serves all of them, where a jitted whole-model init compiles depth copies (on the
-    CPU, ViT-L: 45 s to compile instead of about 2 s).
-    """
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(seed))))
-    keys = jax.random.split(jax.random.key(seed), cfg.depth + 1)
-    stem = jax.jit(lambda k: nnx.to_pure_dict(nnx.state(VisionTransformer(cfg.replace(depth=0), rngs=nnx.Rngs(k)))))
-    block = jax.jit(lambda k: nnx.to_pure_dict(nnx.state(Block(cfg, rngs=nnx.Rngs(k)))))
-    params = stem(keys[0])
-    params["blocks"] = {i: block(keys[i + 1]) for i in range(cfg.depth)}
-    state.replace_by_pure_dict(params)
-    return graphdef, jax.block_until_ready(state)
 
 
 def main(argv):

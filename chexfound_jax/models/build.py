@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from chexfound_jax.models.vit import VisionTransformer, ViTConfig
+from chexfound_jax.models.vit import Block, VisionTransformer, ViTConfig
 
 
 def model_from_params(cfg: ViTConfig, params: dict) -> VisionTransformer:
@@ -19,3 +19,20 @@ def model_from_params(cfg: ViTConfig, params: dict) -> VisionTransformer:
     state.replace_by_pure_dict(jax.device_put(params))
     nnx.update(model, state)
     return model
+
+
+def init_random(cfg: ViTConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
+    """Random backbone weights (nnx.Rngs), as (graphdef, state).
+
+    Initialised under jax.jit one block at a time: the blocks are identical, so one compiled block
+    initialiser serves all of them, where a jitted whole-model init compiles depth copies (on the
+    CPU, ViT-L: 45 s to compile instead of about 2 s).
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: VisionTransformer(cfg, rngs=nnx.Rngs(seed))))
+    keys = jax.random.split(jax.random.key(seed), cfg.depth + 1)
+    stem = jax.jit(lambda k: nnx.to_pure_dict(nnx.state(VisionTransformer(cfg.replace(depth=0), rngs=nnx.Rngs(k)))))
+    block = jax.jit(lambda k: nnx.to_pure_dict(nnx.state(Block(cfg, rngs=nnx.Rngs(k)))))
+    params = stem(keys[0])
+    params["blocks"] = {i: block(keys[i + 1]) for i in range(cfg.depth)}
+    state.replace_by_pure_dict(params)
+    return graphdef, jax.block_until_ready(state)
