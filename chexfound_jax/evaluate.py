@@ -93,9 +93,10 @@ def evaluate(
     env = environment(cfg, checkpoint, devices)
     with MetricsWriter(workdir, enabled=env.lead) as writer:
         writer.write_config(cfg)
-    if cfg.workflow == "predict":
-        return workflows.run_predict(env, workdir, images)
-    return workflows.WORKFLOWS[cfg.workflow](env, workdir)
+        env.writer = writer
+        if cfg.workflow == "predict":
+            return workflows.run_predict(env, workdir, images)
+        return workflows.WORKFLOWS[cfg.workflow](env, workdir)
 
 
 def define_flags() -> None:

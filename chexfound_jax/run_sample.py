@@ -7,7 +7,9 @@ code) into JAX weights; embed the bundled chest X-rays with it; export the weigh
 official `teacher_checkpoint.pth` layout and check the file is bit-identical to the original. Then
 the pretraining chain: prepare shards from the bundled labelled X-rays with data_prep, pretrain the
 tiny config on them for a few dozen steps, and embed an X-ray with the teacher the run exported as
-`teacher_checkpoint.pth` (read back through the converter). Evaluation joins when it lands.
+`teacher_checkpoint.pth` (read back through the converter). Finally a GLoRI probe of that teacher on the
+bundled pneumonia labels (patient-level train / val / test holdout): lr selection, refit, test AUROC with a
+bootstrap CI, report, curves and attention overlays.
 """
 
 from __future__ import annotations
@@ -36,19 +38,19 @@ def run(workdir: epath.Path, data_dir: pathlib.Path) -> dict[str, np.ndarray]:
     teacher = data_dir / "golden" / "vit_tiny_teacher_checkpoint.pth"
     images = sorted((data_dir / "images").glob("*.png"))
 
-    logging.info("1/3 import %s", teacher)
+    logging.info("1/7 import %s", teacher)
     original = torch_io.read_checkpoint(teacher)
     cfg, params = import_state_dict(original, num_heads=TINY_NUM_HEADS)
     weights.save_weights(workdir / "weights", cfg, params)
 
-    logging.info("2/3 embed %d X-rays", len(images))
+    logging.info("2/7 embed %d X-rays", len(images))
     cfg, params = weights.load_weights(workdir / "weights")
     model = model_from_params(cfg.backbone, params["backbone"])
     features = embed.embed_images(model, images, batch_size=2)
     with (workdir / "features.npz").open("wb") as f:
         np.savez(f, **features)
 
-    logging.info("3/3 export to the official PyTorch layout")
+    logging.info("3/7 export to the official PyTorch layout")
     exported = export_state_dict(cfg, params, "chexfound")
     torch_io.write_checkpoint(exported, workdir / "teacher_checkpoint.pth", wrapper="teacher")
     reread = torch_io.read_checkpoint(workdir / "teacher_checkpoint.pth")["teacher"]
@@ -68,7 +70,7 @@ def pretrain_chain(workdir: epath.Path, data_dir: pathlib.Path, steps: int = PRE
     from data_prep import pipeline as prep
     from data_prep.sources import get_source
 
-    logging.info("4/6 prepare shards from %s", data_dir / "kermany")
+    logging.info("4/7 prepare shards from %s", data_dir / "kermany")
     source = get_source(
         "folder", data_dir / "kermany", csv="labels.csv", path_column="file", label_columns=["label"],
         patient_column="patient_id", source_name="kermany",
@@ -76,14 +78,14 @@ def pretrain_chain(workdir: epath.Path, data_dir: pathlib.Path, steps: int = PRE
     info = local_runner.run_local(source, workdir / "shards", prep.PrepOptions(size=96, min_size=200), progress=False)
     dataset = workdir / "shards" / "kermany" / prep.DATASET_VERSION
 
-    logging.info("5/6 pretrain the tiny config for %d steps on %d images", steps, info["counts"]["written"])
+    logging.info("5/7 pretrain the tiny config for %d steps on %d images", steps, info["counts"]["written"])
     cfg = tiny_cpu.get_config()
     cfg.data.datasets = (str(dataset),)
     cfg.optim.update(epochs=1, epoch_length=steps)
     cfg.train.update(export_every=steps, checkpoint_every=steps)
     last = pretrain.train(cfg, workdir / "pretrain", devices=jax.devices()[:1])
 
-    logging.info("6/6 embed an X-ray with the exported teacher_checkpoint.pth")
+    logging.info("6/7 embed an X-ray with the exported teacher_checkpoint.pth")
     export = workdir / "pretrain" / "export" / f"{steps:08d}"
     model_cfg, params = import_state_dict(
         torch_io.read_checkpoint(export / "teacher_checkpoint.pth"), num_heads=cfg.model.num_heads
@@ -94,6 +96,29 @@ def pretrain_chain(workdir: epath.Path, data_dir: pathlib.Path, steps: int = PRE
         model, image, batch_size=1, image_size=cfg.crops.global_crops_size, n_last_blocks=cfg.model.depth
     )
     return {"loss": np.float32(last["total_loss"]), **features}
+
+
+def evaluate_chain(workdir: epath.Path, steps: int = PRETRAIN_STEPS, epochs: int = 6) -> dict:
+    """A GLoRI probe of the teacher pretrain_chain exported, on the sample shards' pneumonia label."""
+    from chexfound_jax import evaluate
+    from configs.eval import tiny_cpu
+    from configs.pretrain import tiny_cpu as pretrain_config
+
+    logging.info("7/7 GLoRI probe of the exported teacher on the sample pneumonia labels")
+    cfg = tiny_cpu.get_config()
+    cfg.data.datasets = (str(workdir / "shards" / "kermany" / "1.0.0"),)
+    holdout = {"shard_split": "train", "holdout": (0.5, 0.25, 0.25)}
+    cfg.task = {
+        "name": "kermany_pneumonia",
+        "class_names": ["Pneumonia"],
+        "label_columns": ["label"],
+        "splits": {split: {**holdout, "part": i} for i, split in enumerate(("train", "val", "test"))},
+    }
+    cfg.backbone.update(num_heads=TINY_NUM_HEADS, n_last_blocks=min(4, pretrain_config.get_config().model.depth))
+    cfg.train.update(batch_size=8, val_epochs=epochs, epochs=epochs, eval_period_epochs=epochs)
+    cfg.metrics.n_bootstrap = 200
+    export = workdir / "pretrain" / "export" / f"{steps:08d}" / "teacher_checkpoint.pth"
+    return evaluate.evaluate(cfg, str(export), workdir / "evaluate")
 
 
 def main(argv: list[str]) -> None:
@@ -112,6 +137,13 @@ def main(argv: list[str]) -> None:
         f"pretrained {PRETRAIN_STEPS} steps (final loss {float(chain['loss']):.3f}) -> "
         f"{workdir / 'pretrain' / 'export'}; embedded with its teacher_checkpoint.pth: cls_token "
         f"{chain['cls_token'].shape}"
+    )
+    results = evaluate_chain(workdir)
+    macro = results["macro"]
+    print(
+        f"GLoRI probe of the exported teacher ({results['splits']} images per split): test AUROC "
+        f"{macro['auroc']:.3f} (95% CI {macro['auroc_ci'][0]:.3f}-{macro['auroc_ci'][1]:.3f}) -> "
+        f"{workdir / 'evaluate'}"
     )
 
 

@@ -222,7 +222,7 @@ def test_save_attention_overlays(tmp_path):
     )
     assert [p.name for p in written] == ["rounded_atelectasis.png", "atelectasis.png"]
     (w, h), pixels = _png(written[0], min_side=128)
-    assert w == 128 and h > 128  # the image at native size plus a caption band
+    assert w == 256 and h > 256  # a 128-px image drawn at least 256 px wide, plus a caption band
     assert (pixels[..., 1].astype(int) - pixels[..., 0] > 50).any()  # green attention is drawn
     assert len(reports.save_attention_overlays(tmp_path / "all", image, attention, grid, NAMES)) == len(NAMES)
     with pytest.raises(KeyError, match="Edema"):

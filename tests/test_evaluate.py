@@ -73,7 +73,9 @@ def test_glori_probe_learns_the_pattern_task(glori_run):
 
 
 def test_shuffled_labels_stay_at_chance(shards, tmp_path):
-    results = evaluate.evaluate(config(shards["control"], **{"report.plots": False}), os.fspath(TINY_TEACHER), tmp_path)
+    # the same probe (phase 1 and test; no refit to keep it short) on the same images with permuted labels
+    cfg = config(shards["control"], **{"report.plots": False, "refit.enabled": False})
+    results = evaluate.evaluate(cfg, os.fspath(TINY_TEACHER), tmp_path)
     assert abs(results["macro"]["auroc"] - 0.5) < 0.15, results["macro"]
     lo, hi = results["macro"]["auroc_ci"]
     assert lo < 0.5 < hi
@@ -88,6 +90,9 @@ def test_probe_outputs_head_reports_predictions_and_overlays(glori_run):
     training = json.loads((workdir / "training.json").read_text())
     assert training["phase1"]["best_lr"] == results["lr"] and "phase2" in training
     assert training["phase2"]["images"] == COUNTS["train"] + COUNTS["val"]  # the refit trains on train + val
+    logged = (workdir / "metrics.jsonl").read_text()  # and TensorBoard: per-lr losses and validation scores
+    for tag in ("probe/phase1/train_loss/lr=0.001", "probe/phase1/val_auroc/lr=0.003", "probe/phase2/train_loss/lr="):
+        assert tag in logged, tag
     test = workdir / "test"
     saved = json.loads((test / "results.json").read_text())
     assert saved["macro"]["auroc"] == pytest.approx(results["macro"]["auroc"])
@@ -232,3 +237,70 @@ def test_config_errors_are_clear(shards, tmp_path):
         evaluate.evaluate(config(shards["real"], workflow="finetune"), os.fspath(TINY_TEACHER), tmp_path)
     with pytest.raises(FileNotFoundError):
         evaluate.evaluate(config(shards["real"]), os.fspath(tmp_path / "missing.pth"), tmp_path)
+
+
+def test_two_processes_probe_and_gather_predictions_in_row_order(shards, tmp_path):
+    """The CLI as a 2-host job (jax.distributed on localhost, 4 CPU devices each): the probe trains on
+    the joint mesh, process 0 writes, and the gathered test predictions are those of the saved head."""
+    import portpicker
+
+    cfg_file = tmp_path / "two_process_cfg.py"
+    cfg_file.write_text(
+        "from configs.eval import tiny_cpu\n"
+        "def get_config():\n"
+        "    c = tiny_cpu.get_config()\n"
+        f"    c.task = {synthetic.task_config()!r}\n"
+        f"    c.data.datasets = ({os.fspath(shards['real'])!r},)\n"
+        f"    c.backbone.num_heads = {TINY_HEADS}\n"
+        "    c.train.update(val_epochs=1, epochs=1, eval_period_epochs=1)\n"
+        "    c.metrics.n_bootstrap = 10\n"
+        "    return c\n"
+    )
+    port = portpicker.pick_unused_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+    }
+    work = tmp_path / "run"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "chexfound_jax.evaluate",
+                f"--config={cfg_file}",
+                f"--checkpoint={TINY_TEACHER}",
+                f"--workdir={work}",
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+                "--config.distributed.initialize=always",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    results = json.loads((work / "test" / "results.json").read_text())
+    assert results["splits"] == COUNTS and results["n_images"] == COUNTS["test"]
+    with open(work / "test" / "predictions.csv") as f:
+        two_process = list(csv.reader(f))
+
+    cfg = config(shards["real"], workflow="predict")
+    cfg.predict.update(head=os.fspath(work / "head"), split="test")
+    evaluate.evaluate(cfg, os.fspath(TINY_TEACHER), tmp_path / "predict")
+    with open(tmp_path / "predict" / "predictions.csv") as f:
+        one_process = list(csv.reader(f))
+    assert [r[0] for r in two_process] == [r[0] for r in one_process]
+    np.testing.assert_allclose(
+        np.asarray([r[1:] for r in two_process[1:]], float), np.asarray([r[1:] for r in one_process[1:]], float),
+        atol=2e-6,
+    )  # fmt: skip

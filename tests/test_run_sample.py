@@ -19,7 +19,7 @@ def test_sample_run_embeds_and_round_trips(tmp_path):
         assert (tmp_path / name).exists(), name
 
 
-def test_pretrain_chain_exports_a_teacher_that_embeds(tmp_path):
+def test_pretrain_chain_exports_a_teacher_that_embeds_and_evaluates(tmp_path):
     from chexfound_jax.models import weights
 
     out = run_sample.pretrain_chain(epath.Path(tmp_path), DATA, steps=6)
@@ -33,3 +33,10 @@ def test_pretrain_chain_exports_a_teacher_that_embeds(tmp_path):
     _, imported = import_state_dict(torch_io.read_checkpoint(export / "teacher_checkpoint.pth"), num_heads=4)
     np.testing.assert_array_equal(imported["backbone"]["cls_token"], teacher["backbone"]["cls_token"])
     np.testing.assert_array_equal(imported["dino_head"]["last_layer"]["v"], teacher["dino_head"]["last_layer"]["v"])
+
+    # 7/7: a GLoRI probe of that teacher on the sample pneumonia labels, reports and all
+    results = run_sample.evaluate_chain(epath.Path(tmp_path), steps=6, epochs=2)
+    assert sum(results["splits"].values()) == 24 and min(results["splits"].values()) >= 6
+    assert 0.0 <= results["macro"]["auroc"] <= 1.0
+    for name in ("head/classifier_config.json", "test/results.json", "test/report.md", "test/predictions.csv"):
+        assert (tmp_path / "evaluate" / name).exists(), name

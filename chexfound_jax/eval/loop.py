@@ -68,6 +68,7 @@ def fit(
     steps: int,
     log: dict,
     on_step: Callable[[int, dict], None] | None = None,
+    on_log: Callable[[int, np.ndarray], None] | None = None,
     log_every: int = 50,
     checkpointer: Checkpointer | None = None,
     config: Any = None,
@@ -75,9 +76,10 @@ def fit(
     """Trains the bank from state["step"] to `steps`; on_step(step, state) runs after each update.
 
     Every `log_every` steps (and at the end) the per-head losses are appended to log["losses"] as
-    (step, list). With a `checkpointer`, the run resumes from its latest checkpoint (state and `log`,
-    which must stay JSON-able) and saves at its interval, on preemption and at the end. The data position
-    is the step: batch s of `train_batches` is the same whichever step a run resumes at.
+    (step, list) and passed to on_log(step, losses). With a `checkpointer`, the run resumes from its
+    latest checkpoint (state and `log`, which must stay JSON-able) and saves at its interval, on
+    preemption and at the end. The data position is the step: batch s of `train_batches` is the same
+    whichever step a run resumes at.
     """
     log.setdefault("losses", [])
     if checkpointer is not None and checkpointer.latest_step() is not None:
@@ -106,6 +108,8 @@ def fit(
             if step % log_every == 0 or step == steps:
                 host = np.asarray(jax.device_get(losses))
                 log["losses"].append((step, host.tolist()))
+                if on_log is not None:
+                    on_log(step, host)
                 logging.info("%s loss per head %s", progress.tick(step), np.array2string(host, precision=4))
             if on_step is not None:
                 on_step(step, state)

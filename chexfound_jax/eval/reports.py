@@ -360,7 +360,8 @@ def save_attention_overlays(
             if not 0 <= k < len(names):
                 raise IndexError(f"class index {k} out of range for {len(names)} classes")
         heat = attention_heatmap(att[:, k], grid, upsample=factor)
-        fig = _figure(width / 100, height / 100 + 0.4)
+        scale = max(1.0, 256 / min(height, width))  # small test images still get a readable figure
+        fig = _figure(scale * width / 100, scale * height / 100 + 0.4)
         ax = fig.add_axes((0.0, 0.0, 1.0, height / (height + 40)))
         ax.imshow(overlay(image, heat), interpolation="nearest")
         ax.set_axis_off()

@@ -27,6 +27,7 @@ from chexfound_jax.eval import loop, metrics, reports, subsample, tasks
 from chexfound_jax.eval.probe import FrozenFeatures, HeadBank, Optimization, select_best, stack_heads
 from chexfound_jax.models import classifiers
 from chexfound_jax.train.checkpoint import Checkpointer
+from chexfound_jax.train.metrics import MetricsWriter
 
 
 @dataclasses.dataclass
@@ -37,7 +38,13 @@ class Environment:
     features: FrozenFeatures
     feeder: loop.Feeder
     checkpoint: str
+    writer: MetricsWriter | None = None  # TensorBoard + metrics.jsonl of head training (process 0)
     _banks: dict = dataclasses.field(default_factory=dict)
+
+    def write(self, step: int, prefix: str, name: str, values: Sequence[float], lrs: Sequence[float]) -> None:
+        """Per-head scalars as `<prefix>/<name>/lr=<lr>` (phases and runs restart their steps at 1)."""
+        if self.writer is not None:
+            self.writer.write_scalars(step, {f"{prefix}/{name}/lr={lr:g}": v for lr, v in zip(lrs, values)})
 
     @property
     def lead(self) -> bool:
@@ -114,6 +121,7 @@ def _fit(
     steps: int,
     log: dict,
     ckpt_dir: epath.Path | None,
+    prefix: str,
     on_step=None,
 ) -> dict:
     ckpt = _checkpointer(env, ckpt_dir)
@@ -127,6 +135,7 @@ def _fit(
             steps=steps,
             log=log,
             on_step=on_step,
+            on_log=lambda step, losses: env.write(step, prefix, "train_loss", losses, bank.lrs),
             log_every=int(env.cfg.train.log_every),
             checkpointer=ckpt,
             config=env.cfg,
@@ -146,10 +155,12 @@ def train_head(
     seed: int,
     log: dict,
     ckpt_dir: epath.Path | None = None,
+    run: str = "probe",
 ) -> tuple[classifiers.ClassifierConfig, Any, Any, float]:
     """Phase 1 (all lrs, select on val) and, if `refit`, phase 2 (best lr, train + val); -> (cfg, params, rest, lr).
 
-    With `ckpt_dir`, each phase checkpoints there (train.checkpoint_every) and a rerun resumes it.
+    With `ckpt_dir`, each phase checkpoints there (train.checkpoint_every) and a rerun resumes it. Losses
+    and validation scores go to TensorBoard as `<run>/<phase>/...`.
     """
     t = env.cfg.train
     head_cfg = env.head_config(len(names))
@@ -167,6 +178,7 @@ def train_head(
         if step % period == 0 or step == total:
             scores = _validation_scores(env, bank, state, val_records, names)
             phase1["evals"].append({"step": step, "epoch": step / epoch, "val": scores})
+            env.write(step, f"{run}/phase1", f"val_{env.cfg.eval.selection_metric}", scores, bank.lrs)
             logging.info("step %d val %s per lr: %s", step, env.cfg.eval.selection_metric, np.round(scores, 4))
 
     logging.info("phase 1: %d heads, %d images, batch %d, %d steps", bank.size, len(records), batch, total)
@@ -180,6 +192,7 @@ def train_head(
         log=phase1,
         on_step=on_step,
         ckpt_dir=ckpt_dir and ckpt_dir / "phase1",
+        prefix=f"{run}/phase1",
     )
     final = phase1["evals"][-1]["val"]
     best = select_best(final)
@@ -207,7 +220,15 @@ def train_head(
     }
     logging.info("phase 2 (refit): lr %g, %d images (train + val), batch %d, %d steps", lr, len(records), batch, total)
     state = _fit(
-        env, bank, state, records, seed=seed + 1, steps=total, log=phase2, ckpt_dir=ckpt_dir and ckpt_dir / "phase2"
+        env,
+        bank,
+        state,
+        records,
+        seed=seed + 1,
+        steps=total,
+        log=phase2,
+        ckpt_dir=ckpt_dir and ckpt_dir / "phase2",
+        prefix=f"{run}/phase2",
     )
     log["phase2"] = phase2
     params, rest = bank.head(state, 0)
@@ -260,9 +281,12 @@ def write_overlays(
     grid = size // env.features.cfg.patch_size
     bank = env.bank(head_cfg, (0.0,))
     written = []
-    for row in range(n):
+    for row in range(n):  # every process computes (the head lives on the whole mesh); process 0 writes
         x = classification.eval_image(records.image(row), size)[None]
         _, attn = bank.attention(params, rest, env.feeder.backbone, x)
+        attn = multihost_utils.process_allgather(attn, tiled=True)
+        if not env.lead:
+            continue
         top = np.argsort(-probs[row])[: int(env.cfg.report.overlay_classes)]
         written += reports.save_attention_overlays(
             out / f"image_{row:04d}",
@@ -297,20 +321,15 @@ def test_head(
         table.labels, probs, names, n_bootstrap=int(m.n_bootstrap), seed=int(m.seed), confidence=float(m.confidence)
     )
     results.update(extra)
+    plots = plots and bool(env.cfg.report.plots)
     if env.lead:
         out.mkdir(parents=True, exist_ok=True)
         results["files"] = reports.write_report(
-            out,
-            results,
-            labels=table.labels,
-            probs=probs,
-            class_names=names,
-            title=title,
-            plots=plots and bool(env.cfg.report.plots),
+            out, results, labels=table.labels, probs=probs, class_names=names, title=title, plots=plots
         )
         write_predictions(out / "predictions.csv", table.image_id, probs, names, env.cfg.predict.id_column)
-        if plots:
-            results["overlays"] = write_overlays(env, out / "attention", head_cfg, params, rest, records, probs, names)
+    if plots:
+        results["overlays"] = write_overlays(env, out / "attention", head_cfg, params, rest, records, probs, names)
     return results
 
 
@@ -394,7 +413,15 @@ def run_label_efficiency(env: Environment, workdir: epath.Path) -> dict:
         out = workdir / f"fraction_{fraction:g}" / f"repeat_{repeat}"
         log: dict = {}
         head_cfg, params, rest, lr = train_head(
-            env, train, tables["val"], task.class_names, refit=False, seed=seed, log=log, ckpt_dir=out / "checkpoints"
+            env,
+            train,
+            tables["val"],
+            task.class_names,
+            refit=False,
+            seed=seed,
+            log=log,
+            ckpt_dir=out / "checkpoints",
+            run=f"fraction_{fraction:g}/repeat_{repeat}",
         )
         extra = {
             "task": task.name,
