@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import gzip
+import math
 import pathlib
+import subprocess
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -177,3 +182,46 @@ def torch_linear_probe(in_features, num_classes):
             return self.linear(x)
 
     return Probe()
+
+
+def run_processes(
+    commands: Sequence[Sequence[str]], env: Mapping[str, str], cwd=None, timeout: float = 600
+) -> list[str]:
+    """Starts every command at once (the processes of one jax.distributed job) and waits for all of them.
+
+    Returns each process's output (stdout and stderr); fails the test with both logs' tails if any exits non-zero.
+    """
+    procs = [
+        subprocess.Popen(list(c), cwd=cwd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c in commands
+    ]
+    logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    return logs
+
+
+# --- fake releases for data_prep source adapters ---------------------------------------------------
+
+
+def write_csv(path: pathlib.Path, header: list[str], rows: list[list[object]], gz: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open(path, "wt", newline="") if gz else path.open("w", newline="")
+    with opener as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def touch(root: pathlib.Path, relpath: str) -> None:
+    path = root / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"placeholder")
+
+
+def same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Label tuples equal, NaN matching NaN."""
+    return len(a) == len(b) and all((math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b))
+
+
+def by_id(items: list) -> dict:
+    return {item.image_id: item for item in items}

@@ -92,8 +92,7 @@ def test_restore_onto_a_smaller_mesh(cfg, run):
     kernel = state.student["backbone"]["blocks"][0]["attn"]["qkv"]["kernel"]
     assert "fsdp" in kernel.sharding.spec and len(kernel.addressable_shards) == 4
     assert kernel.addressable_shards[0].data.shape[0] == kernel.shape[0] // 2  # halves, each held twice
-    state, metrics = training.step(state, random_batches(cfg, training.batch_spec, 1, seed=1)[0])
-    assert int(state.step) == 3 and np.isfinite(float(metrics["total_loss"]))
+    # Training on from the restored state is test_pretrain's 8 -> 4 device test (a second step compile here).
 
 
 def _tiny(step: int) -> dict:

@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import grain
@@ -12,6 +11,7 @@ import numpy as np
 import portpicker
 import pytest
 from etils import epath
+from helpers import run_processes
 
 from chexfound_jax.data import augment, pipeline, preprocess
 from chexfound_jax.train import recipe
@@ -216,18 +216,9 @@ def test_two_processes_read_disjoint_halves_onto_one_mesh(dataset, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
     outs = [tmp_path / f"p{i}.json" for i in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(i), str(port), os.fspath(dataset), str(outs[i])],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    run_processes(
+        [[sys.executable, str(worker), str(i), str(port), os.fspath(dataset), str(outs[i])] for i in range(2)], env
+    )
     reports = [json.loads(o.read_text()) for o in outs]
     assert sorted(r["data_shard"] for r in reports) == [[0, 2], [1, 2]]
     a, b = (set(r["records"][:12]) for r in reports)  # each process's first epoch: 12 of the 24 records

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import synthetic
 from etils import epath
-from helpers import TINY_HEADS, TINY_TEACHER
+from helpers import TINY_HEADS, TINY_TEACHER, run_processes
 from PIL import Image
 
 from chexfound_jax import evaluate
@@ -156,7 +156,11 @@ def test_linear_probe_cli_and_predict_on_files(shards, tmp_path):
     training = json.loads((tmp_path / "linear" / "training.json").read_text())
     assert "phase2" not in training
 
-    images = sorted((epath.Path(REPO) / "tests" / "data" / "images").glob("*.png"))
+    data = epath.Path(REPO) / "tests" / "data"
+    images = [
+        *sorted((data / "images").glob("*.png")),
+        data / "dicom/chest/cxr_cr_pa_mono2_8bit_jpeg_baseline_siim_pneumothorax.dcm",
+    ]
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     run = subprocess.run(
@@ -265,30 +269,22 @@ def test_two_processes_probe_and_gather_predictions_in_row_order(shards, tmp_pat
         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
     }
     work = tmp_path / "run"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "chexfound_jax.evaluate",
-                f"--config={cfg_file}",
-                f"--checkpoint={TINY_TEACHER}",
-                f"--workdir={work}",
-                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                "--config.distributed.num_processes=2",
-                f"--config.distributed.process_id={i}",
-                "--config.distributed.initialize=always",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "chexfound_jax.evaluate",
+            f"--config={cfg_file}",
+            f"--checkpoint={TINY_TEACHER}",
+            f"--workdir={work}",
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+            "--config.distributed.initialize=always",
+        ]
         for i in range(2)
     ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    run_processes(commands, env, cwd=REPO)
     results = json.loads((work / "test" / "results.json").read_text())
     assert results["splits"] == COUNTS and results["n_images"] == COUNTS["test"]
     with open(work / "test" / "predictions.csv") as f:

@@ -1,41 +1,17 @@
 """data_prep.sources: each adapter over a tiny fake tree with the release's real file names and CSV columns."""
 
-import csv
-import gzip
 import math
 import pathlib
 
 import pytest
+from helpers import by_id, same, touch, write_csv
 
-from data_prep.sources import CHEXPERT_LABELS, SOURCES, SourceItem, get_source
+from data_prep.sources import CHEXPERT_LABELS, SOURCES, get_source
 from data_prep.sources import base as base_mod
 from data_prep.sources.nih import NIH_LABELS
 from data_prep.sources.vindr_cxr import VINDR_LABELS
 
 NAN = math.nan
-
-
-def write_csv(path: pathlib.Path, header: list[str], rows: list[list[object]], gz: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    opener = gzip.open(path, "wt", newline="") if gz else path.open("w", newline="")
-    with opener as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-def touch(root: pathlib.Path, relpath: str) -> None:
-    path = root / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"placeholder")
-
-
-def same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return len(a) == len(b) and all((math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b))
-
-
-def by_id(items: list[SourceItem]) -> dict[str, SourceItem]:
-    return {item.image_id: item for item in items}
 
 
 def test_registry_and_helpers(tmp_path):

@@ -7,17 +7,17 @@ only listing is tested.
 """
 
 import csv
-import gzip
 import math
 import pathlib
 import shutil
 
 import numpy as np
 import pytest
+from helpers import by_id, touch, write_csv
 from PIL import Image
 
 from data_prep import decode, local_runner, pipeline, records, writers
-from data_prep.sources import SOURCES, SourceItem, get_source
+from data_prep.sources import SOURCES, get_source
 from data_prep.sources.cxr_lt import CXR_LT_LABELS, CxrLt, match_label_columns
 from data_prep.sources.jsrt import Jsrt
 from data_prep.sources.shenzhen import Montgomery, Shenzhen
@@ -36,29 +36,6 @@ SPEC_CLASSES = (
     "Pulmonary Hypertension, Rib Fracture, Round(ed) Atelectasis, Subcutaneous Emphysema, Support Devices, "
     "Tortuous Aorta, Tuberculosis"
 ).split(", ")
-
-
-def write_csv(path: pathlib.Path, header: list[str], rows: list[list[object]], gz: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    opener = gzip.open(path, "wt", newline="") if gz else path.open("w", newline="")
-    with opener as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
-def touch(root: pathlib.Path, relpath: str) -> None:
-    path = root / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"placeholder")
-
-
-def same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
-    return len(a) == len(b) and all((math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b))
-
-
-def by_id(items: list[SourceItem]) -> dict[str, SourceItem]:
-    return {item.image_id: item for item in items}
 
 
 def kermany_pngs(n: int) -> list[pathlib.Path]:

@@ -12,6 +12,7 @@ import numpy as np
 import portpicker
 import pytest
 from etils import epath
+from helpers import run_processes
 
 from chexfound_jax import pretrain
 from chexfound_jax.models import weights
@@ -185,26 +186,18 @@ def test_two_processes_train_and_checkpoint(dataset, tmp_path):
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
     }
-    procs = [
-        subprocess.Popen(
-            [
-                *cli(dataset, tmp_path, 6),
-                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                "--config.distributed.num_processes=2",
-                f"--config.distributed.process_id={i}",
-                "--config.distributed.initialize=always",
-                "--config.train.checkpoint_every=3",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    commands = [
+        [
+            *cli(dataset, tmp_path, 6),
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+            "--config.distributed.initialize=always",
+            "--config.train.checkpoint_every=3",
+        ]
         for i in range(2)
     ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    run_processes(commands, env, cwd=REPO)
     assert [r["step"] for r in jsonl(tmp_path)] == list(range(1, 7))  # written once, by process 0
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
     assert (tmp_path / "export" / "00000006" / "teacher_checkpoint.pth").exists()

@@ -3,14 +3,13 @@
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import portpicker
 import pytest
-from helpers import DATA, equivalence_config, random_batches, setup_train
+from helpers import DATA, equivalence_config, random_batches, run_processes, setup_train
 from PIL import Image
 
 from chexfound_jax.data.collate import collate
@@ -131,18 +130,7 @@ def test_two_processes_equal_single_device(reference, tmp_path):
     worker = pathlib.Path(__file__).parent / "multihost_worker.py"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parents[1]), os.environ.get("PYTHONPATH", "")])}
     env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(worker), str(i), str(port), str(out), "fsdp=8", "fsdp"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    run_processes([[sys.executable, str(worker), str(i), str(port), str(out), "fsdp=8", "fsdp"] for i in range(2)], env)
     got_metrics = json.loads(out.read_text())
     for got, want in zip(got_metrics, want_metrics):
         for key in (
