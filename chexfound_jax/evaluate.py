@@ -25,13 +25,20 @@ from etils import epath
 from ml_collections import config_flags
 
 from chexfound_jax.data import classification
-from chexfound_jax.eval import loop, workflows
+from chexfound_jax.eval import label_efficiency, loop, predict, workflows
 from chexfound_jax.eval.probe import FrozenFeatures
 from chexfound_jax.models import weights
 from chexfound_jax.models.vit import ViTConfig
 from chexfound_jax.parallel.mesh import create_mesh
 from chexfound_jax.pretrain import initialize_distributed
 from chexfound_jax.train.metrics import MetricsWriter
+
+WORKFLOWS = {
+    "probe": workflows.run_probe,
+    "label_efficiency": label_efficiency.run,
+    "ood": workflows.run_ood,
+    "predict": predict.run,
+}
 
 
 def load_backbone(checkpoint: str, num_heads: int | None = None) -> tuple[ViTConfig, dict]:
@@ -86,8 +93,8 @@ def evaluate(
 ) -> dict:
     """Runs `cfg.workflow`; returns its results (also written under workdir)."""
     workdir = epath.Path(workdir)
-    if cfg.workflow not in (*workflows.WORKFLOWS, "predict"):
-        raise ValueError(f"workflow must be one of {[*workflows.WORKFLOWS, 'predict']}, got {cfg.workflow!r}")
+    if cfg.workflow not in WORKFLOWS:
+        raise ValueError(f"workflow must be one of {list(WORKFLOWS)}, got {cfg.workflow!r}")
     if not cfg.data.datasets and cfg.workflow != "predict":
         raise ValueError("data.datasets is empty: name the data_prep dataset dirs holding the task's shards")
     env = environment(cfg, checkpoint, devices)
@@ -95,8 +102,8 @@ def evaluate(
         writer.write_config(cfg)
         env.writer = writer
         if cfg.workflow == "predict":
-            return workflows.run_predict(env, workdir, images)
-        return workflows.WORKFLOWS[cfg.workflow](env, workdir)
+            return predict.run(env, workdir, images)
+        return WORKFLOWS[cfg.workflow](env, workdir)
 
 
 def define_flags() -> None:

@@ -1,4 +1,4 @@
-"""The evaluation workflows: probe (linear or GLoRI), label efficiency, out-of-distribution, predict.
+"""The evaluation workflows' shared parts (environment, training and testing a head) and probe / OOD.
 
 Each takes an `Environment` (frozen backbone on a mesh, config) and a work directory, and writes its
 results there: the trained head (a classifier dir that `convert` exports to PyTorch), metrics with
@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from chexfound_jax.data import classification, preprocess
-from chexfound_jax.eval import loop, metrics, reports, subsample, tasks
+from chexfound_jax.eval import loop, metrics, reports, tasks
 from chexfound_jax.eval.probe import FrozenFeatures, HeadBank, Optimization, select_best, stack_heads
 from chexfound_jax.models import classifiers
 from chexfound_jax.train.checkpoint import Checkpointer
@@ -344,7 +344,7 @@ def save_head(env: Environment, directory: epath.Path, head_cfg, params, rest, m
 # --- workflows ------------------------------------------------------------------------------------
 
 
-def _task_tables(env: Environment, splits: Sequence[str]) -> tuple[tasks.TaskSpec, dict[str, tasks.LabelTable]]:
+def task_tables(env: Environment, splits: Sequence[str]) -> tuple[tasks.TaskSpec, dict[str, tasks.LabelTable]]:
     task = tasks.task_from_config(env.cfg.task)
     tables = tasks.load_task(env.datasets, task, splits=tuple(splits))
     for name, table in tables.items():
@@ -366,7 +366,7 @@ def _head_metadata(env: Environment, task: tasks.TaskSpec, lr: float, log: dict)
 
 def run_probe(env: Environment, workdir: epath.Path) -> dict:
     """Linear or GLoRI probe: select the lr on val, refit on train + val (unless disabled), test."""
-    task, tables = _task_tables(env, ("train", "val", "test"))
+    task, tables = task_tables(env, ("train", "val", "test"))
     names = task.class_names
     log: dict = {}
     head_cfg, params, rest, lr = train_head(
@@ -403,93 +403,6 @@ def run_probe(env: Environment, workdir: epath.Path) -> dict:
     return results
 
 
-def run_label_efficiency(env: Environment, workdir: epath.Path) -> dict:
-    """Probes trained on seeded, stratified, patient-level fractions of train; val selects, never trains."""
-    task, tables = _task_tables(env, ("train", "val", "test"))
-    le = env.cfg.label_efficiency
-    runs = []
-    for fraction, repeat, seed in subsample.label_efficiency_runs(tuple(le.fractions), int(le.repeats), int(le.seed)):
-        train = subsample.subsample(tables["train"], fraction, seed)
-        out = workdir / f"fraction_{fraction:g}" / f"repeat_{repeat}"
-        log: dict = {}
-        head_cfg, params, rest, lr = train_head(
-            env,
-            train,
-            tables["val"],
-            task.class_names,
-            refit=False,
-            seed=seed,
-            log=log,
-            ckpt_dir=out / "checkpoints",
-            run=f"fraction_{fraction:g}/repeat_{repeat}",
-        )
-        extra = {
-            "task": task.name,
-            "fraction": fraction,
-            "repeat": repeat,
-            "seed": seed,
-            "lr": lr,
-            "train_images": len(train),
-            "train_patients": len(np.unique(train.patient_id)),
-        }
-        result = test_head(
-            env,
-            out,
-            head_cfg,
-            params,
-            rest,
-            tables["test"],
-            task.class_names,
-            title=f"{task.name}: {fraction:g} of train, repeat {repeat}",
-            extra=extra,
-            plots=False,
-        )
-        runs.append({k: result[k] for k in ("macro", *extra)})
-    summary = summarize_label_efficiency(runs)
-    if env.lead:
-        reports.write_json(workdir / "label_efficiency.json", {"task": task.name, "runs": runs, "summary": summary})
-        (workdir / "label_efficiency.md").write_text(label_efficiency_markdown(task.name, summary))
-    return {"runs": runs, "summary": summary}
-
-
-def summarize_label_efficiency(runs: Sequence[dict]) -> list[dict]:
-    """Mean, standard deviation and range of the macro test metrics per fraction."""
-    out = []
-    for fraction in sorted({r["fraction"] for r in runs}):
-        group = [r for r in runs if r["fraction"] == fraction]
-        row: dict[str, Any] = {
-            "fraction": fraction,
-            "runs": len(group),
-            "train_images": [r["train_images"] for r in group],
-        }
-        for key in ("auroc", "ap"):
-            values = np.asarray([r["macro"][key] for r in group], np.float64)
-            row[key] = {
-                "mean": float(np.nanmean(values)),
-                "std": float(np.nanstd(values)),
-                "min": float(np.nanmin(values)),
-                "max": float(np.nanmax(values)),
-                "values": values.tolist(),
-            }
-        out.append(row)
-    return out
-
-
-def label_efficiency_markdown(task: str, summary: Sequence[dict]) -> str:
-    lines = [
-        f"# {task}: label efficiency (test, macro)",
-        "",
-        "| fraction | runs | train images | AUROC | AP |",
-        "|---:|---:|---|---|---|",
-    ]
-    for r in summary:
-        cells = [f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in ("auroc", "ap")]
-        lines.append(
-            f"| {r['fraction']:g} | {r['runs']} | {', '.join(map(str, r['train_images']))} | {' | '.join(cells)} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def load_head(env: Environment, directory: str) -> tuple[classifiers.ClassifierConfig, Any, Any, dict]:
     """A saved head as (cfg, params, rest, metadata), checked against the backbone."""
     if not directory:
@@ -509,7 +422,7 @@ def load_head(env: Environment, directory: str) -> tuple[classifiers.ClassifierC
 def run_ood(env: Environment, workdir: epath.Path) -> dict:
     """A head trained on one task, tested on another task's test split, on the classes both name."""
     head_cfg, params, rest, meta = load_head(env, env.cfg.ood.head)
-    task, tables = _task_tables(env, ("test",))
+    task, tables = task_tables(env, ("test",))
     table = tables["test"]
     head_names = [n.lower() for n in meta["class_names"]]
     pairs = [(head_names.index(n.lower()), k) for k, n in enumerate(task.class_names) if n.lower() in head_names]
@@ -544,83 +457,3 @@ def run_ood(env: Environment, workdir: epath.Path) -> dict:
             workdir / "predictions.csv", table.image_id, probs, meta["class_names"], env.cfg.predict.id_column
         )
     return results
-
-
-def _predict_arrays(env: Environment, bank: HeadBank, params, rest, images: np.ndarray) -> np.ndarray:
-    """(N, K) probabilities of preprocessed images (the same array on every process), in fixed-size batches."""
-    size = env.feeder.eval_batch
-    sharding = env.feeder.batch_sharding
-    out = []
-    for start in range(0, len(images), size):
-        chunk = images[start : start + size]
-        real = len(chunk)
-        chunk = np.concatenate([chunk, np.zeros((size - real, *chunk.shape[1:]), chunk.dtype)])
-        x = jax.make_array_from_callback(chunk.shape, sharding, lambda idx, c=chunk: c[idx])
-        probs = multihost_utils.process_allgather(bank.predict(params, rest, env.feeder.backbone, x), tiled=True)
-        out.append(np.asarray(probs)[0, :real])
-    return np.concatenate(out) if out else np.zeros((0, bank.cfg.num_classes), np.float32)
-
-
-def run_predict(env: Environment, workdir: epath.Path, images: Sequence[str] = ()) -> dict:
-    """Per-image probabilities of a trained head as CSV, for image/DICOM files or a data_prep split.
-
-    Files that cannot be read are skipped and listed in predict_failures.csv; inputs = written + failed.
-    """
-    p = env.cfg.predict
-    head_cfg, params, rest, meta = load_head(env, p.head)
-    names = meta["class_names"]
-    bank = env.bank(head_cfg, (0.0,))
-    stacked = stack_heads([(params, rest)])
-    size = env.feeder.transform.image_size
-    files = list(images) or list(p.images)
-    failures: list[tuple[str, str]] = []
-    if files:
-        arrays, ids = [], []
-        for path in files:
-            try:
-                arrays.append(preprocess.preprocess(path, resize_size=size, crop_size=size))
-                ids.append(epath.Path(path).name.rsplit(".", 1)[0])
-            except (preprocess.ImageError, OSError) as e:
-                failures.append((str(path), str(e)))
-                logging.warning("predict: skipping %s: %s", path, e)
-        images_arr = np.stack(arrays) if arrays else np.zeros((0, size, size, 3), np.float32)
-        probs = _predict_arrays(env, bank, *stacked, images_arr)
-    elif p.split:
-        meta_rows = tasks.read_metadata(env.datasets, p.split)
-        n = len(meta_rows["image_id"])
-        table = tasks.LabelTable(
-            task="predict",
-            split=p.split,
-            shard_split=p.split,
-            record_index=np.arange(n, dtype=np.int64),
-            labels=np.full((n, len(names)), np.nan, np.float32),
-            patient_id=meta_rows["patient_id"],
-            image_id=meta_rows["image_id"],
-            path=meta_rows["path"],
-        )
-        probs = loop.predict(env.feeder, bank, *stacked, env.records(table))[0]
-        ids = list(table.image_id)
-    else:
-        raise ValueError("nothing to predict: give image files, predict.images, or predict.split with data.datasets")
-    summary = {
-        "inputs": len(files) if files else len(ids),
-        "written": len(ids),
-        "failed": len(failures),
-        "head": p.head,
-        "classes": names,
-    }
-    if summary["inputs"] != summary["written"] + summary["failed"]:  # pragma: no cover - a bug, not bad input
-        raise AssertionError(f"predict counts do not reconcile: {summary}")
-    if env.lead:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_predictions(workdir / p.output, ids, probs, names, p.id_column)
-        if failures:
-            buf = io.StringIO()
-            csv.writer(buf).writerows([("path", "reason"), *failures])
-            (workdir / "predict_failures.csv").write_text(buf.getvalue())
-        reports.write_json(workdir / "predict_summary.json", summary)
-    logging.info("predict: %d images -> %s (%d skipped)", len(ids), workdir / p.output, len(failures))
-    return summary
-
-
-WORKFLOWS = {"probe": run_probe, "label_efficiency": run_label_efficiency, "ood": run_ood}
