@@ -80,6 +80,7 @@ def environment(cfg: Any, checkpoint: str, devices: Sequence[jax.Device] | None 
         read_threads=int(d.read_threads),
         read_buffer=int(d.read_buffer),
         num_workers=int(d.num_workers),
+        eval_flip=str(cfg.eval.flip),
     )
     return workflows.Environment(cfg=cfg, features=features, feeder=feeder, checkpoint=str(checkpoint))
 

@@ -130,3 +130,31 @@ def test_resumed_training_is_bitwise_the_uninterrupted_run(features, mesh, recor
     assert log["note"] == "x" and [s for s, _ in log["losses"]][-1] == total  # the saved log came back and grew
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_flip_modes_mirror_the_width_axis_and_average_probabilities(features, mesh, records):
+    cfg = ClassifierConfig(
+        kind="glori", num_classes=2, embed_dim=features.cfg.embed_dim, decoder_dim=16, num_heads=2, ffn_dim=32
+    )
+    bank = HeadBank(cfg, Optimization((0.0,)), features, mesh)
+    state = bank.init(5, 1)
+    backbone = jax.device_put(features.state, bank.replicated)
+
+    def feeder(flip):
+        return loop.Feeder(mesh, backbone, classification.TrainTransform(image_size=32), 8, 8, 1, 2, eval_flip=flip)
+
+    got = {
+        f: loop.predict(feeder(f), bank, state["params"], state["rest"], records)[0]
+        for f in ("none", "only", "average")
+    }
+    images = np.stack([classification.eval_image(records.image(i), 32) for i in range(len(records))])
+    mirrored = np.ascontiguousarray(images[:, :, ::-1])  # left-right, the (B, H, W, C) width axis
+    for name, x in (("none", images), ("only", mirrored)):
+        want = np.asarray(
+            bank.predict(state["params"], state["rest"], backbone, jax.device_put(x, bank.batch_sharding))
+        )
+        np.testing.assert_allclose(got[name], want[0], rtol=1e-5, atol=1e-6)
+    assert np.abs(got["only"] - got["none"]).max() > 1e-4  # the mirror is a different input
+    np.testing.assert_allclose(got["average"], (got["none"] + got["only"]) / 2, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="eval.flip"):
+        feeder("both")

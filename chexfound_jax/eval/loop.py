@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from chexfound_jax.data import classification
 from chexfound_jax.data.pipeline import DeviceIterator, global_batch, process_data_shard
-from chexfound_jax.eval.probe import HeadBank
+from chexfound_jax.eval.probe import HeadBank, check_flip
 from chexfound_jax.train.checkpoint import Checkpointer
 from chexfound_jax.train.metrics import Progress
 
@@ -35,6 +35,10 @@ class Feeder:
     read_threads: int = 4
     read_buffer: int = 8
     num_workers: int = 0
+    eval_flip: str = "none"  # eval.flip: none | only (the official --flip) | average (test-time augmentation)
+
+    def __post_init__(self):
+        check_flip(self.eval_flip)
 
     @property
     def batch_sharding(self) -> jax.sharding.NamedSharding:
@@ -139,7 +143,7 @@ def predict(
     for local in feeder._iter(ds):
         shardings = shardings or feeder.shardings(local)
         batch = global_batch(local, shardings, feeder.eval_batch)
-        probs = bank.predict(params, rest, feeder.backbone, batch["image"])
+        probs = bank.predict(params, rest, feeder.backbone, batch["image"], flip=feeder.eval_flip)
         probs, rows, valid = (
             np.asarray(x) for x in multihost_utils.process_allgather((probs, batch["row"], batch["valid"]), tiled=True)
         )

@@ -28,7 +28,8 @@ def _predict_arrays(env: Environment, bank: HeadBank, params, rest, images: np.n
         real = len(chunk)
         chunk = np.concatenate([chunk, np.zeros((size - real, *chunk.shape[1:]), chunk.dtype)])
         x = jax.make_array_from_callback(chunk.shape, sharding, lambda idx, c=chunk: c[idx])
-        probs = multihost_utils.process_allgather(bank.predict(params, rest, env.feeder.backbone, x), tiled=True)
+        probs = bank.predict(params, rest, env.feeder.backbone, x, flip=env.feeder.eval_flip)
+        probs = multihost_utils.process_allgather(probs, tiled=True)
         out.append(np.asarray(probs)[0, :real])
     return np.concatenate(out) if out else np.zeros((0, bank.cfg.num_classes), np.float32)
 

@@ -91,7 +91,7 @@ class HeadBank:
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
         self._init = jax.jit(self._init_fn, out_shardings=self.replicated)
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
-        self.predict = jax.jit(self._predict)
+        self.predict = jax.jit(self._predict, static_argnames="flip")
 
     @property
     def size(self) -> int:
@@ -148,11 +148,23 @@ class HeadBank:
         new = {**state, "params": params, "opt": opt_state, "step": state["step"] + 1}
         return new, losses
 
-    def _predict(self, params: nnx.State, rest: nnx.State, backbone: nnx.State, images: jax.Array) -> jax.Array:
-        """Sigmoid probabilities (H, B, K) of every head, in eval mode."""
-        feats = self.features(backbone, images)
-        logits = jax.vmap(lambda p, r: nnx.merge(self.graphdef, p, r)(feats))(params, rest)
-        return jax.nn.sigmoid(logits.astype(jnp.float32))
+    def _predict(
+        self, params: nnx.State, rest: nnx.State, backbone: nnx.State, images: jax.Array, flip: str = "none"
+    ) -> jax.Array:
+        """Sigmoid probabilities (H, B, K) of every head, in eval mode, with the `flip` test-time mode."""
+
+        def probs(x):
+            feats = self.features(backbone, x)
+            logits = jax.vmap(lambda p, r: nnx.merge(self.graphdef, p, r)(feats))(params, rest)
+            return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+        check_flip(flip)
+        mirrored = images[:, :, ::-1]  # (B, H, W, C): HFlip; after Normalize it equals flipping before
+        if flip == "only":
+            return probs(mirrored)
+        if flip == "average":
+            return 0.5 * (probs(images) + probs(mirrored))
+        return probs(images)
 
     @functools.partial(jax.jit, static_argnums=0)
     def attention(self, params: nnx.State, rest: nnx.State, backbone: nnx.State, images: jax.Array):
@@ -160,6 +172,16 @@ class HeadBank:
         feats = self.features(backbone, images)
         logits, attn = nnx.merge(self.graphdef, params, rest)(feats, return_attention=True)
         return jax.nn.sigmoid(logits.astype(jnp.float32)), attn
+
+
+FLIP_MODES = ("none", "only", "average")
+
+
+def check_flip(flip: str) -> None:
+    """eval.flip: "none"; "only" evaluates mirrored images (the official --flip, spec §6 item 5); "average"
+    averages the probabilities of each image and its mirror (test-time augmentation)."""
+    if flip not in FLIP_MODES:
+        raise ValueError(f"eval.flip must be one of {FLIP_MODES}, got {flip!r}")
 
 
 def _check_steps(total_steps: int) -> None:

@@ -52,7 +52,13 @@ def get_config() -> ml_collections.ConfigDict:
             seed=0,
         )
     )
-    c.eval = ml_collections.ConfigDict(dict(batch_size=256, selection_metric="auroc"))  # auroc | ap (macro)
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            batch_size=256,
+            selection_metric="auroc",  # auroc | ap (macro)
+            flip="none",  # none | only (the official --flip: mirrored images only) | average (both, mean probability)
+        )
+    )
     c.refit = ml_collections.ConfigDict(
         dict(
             enabled=True,  # phase 2: one head, best lr, train + val, evaluated on test
