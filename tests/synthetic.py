@@ -73,8 +73,33 @@ def write_release(root: pathlib.Path, counts: dict[str, int], *, shuffle_labels:
     return root
 
 
+def write_two_view_release(root: pathlib.Path, counts: dict[str, int], **kw) -> pathlib.Path:
+    """Studies of a PA image without the patterns and a LATERAL image carrying its study's labels' patterns.
+
+    Only the lateral shows the labels, so a probe on the PA images alone stays at chance and a two-view
+    probe must read the second view. labels.csv lists both images of a study, with the study's labels.
+    """
+    n = sum(counts.values())
+    marked, labels = make_images(n, **kw)
+    plain, _ = make_images(n, **{**kw, "seed": kw.get("seed", 0) + 1, "amplitude": 0.0})
+    splits = np.repeat(list(counts), list(counts.values()))
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", *CLASSES, "patient", "study", "view", "split"])
+        for i in range(n):
+            for view, image in (("PA", plain[i]), ("LATERAL", marked[i])):
+                name = f"images/s{i:04d}_{view.lower()}.png"
+                Image.fromarray(image).save(root / name)
+                w.writerow([name, *(str(int(v)) for v in labels[i]), f"p{i:04d}", f"s{i:04d}", view, splits[i]])
+    return root
+
+
 def build_shards(release: pathlib.Path, out: pathlib.Path, name: str = "synthetic", size: int = 64) -> epath.Path:
-    """The release as a data_prep dataset dir (one split per labels.csv split)."""
+    """The release as a data_prep dataset dir (one split per labels.csv split; every view kept)."""
+    with open(release / "labels.csv") as f:
+        header = f.readline().strip().split(",")
+    has = lambda column: column if column in header else None
     source = get_source(
         "folder",
         os.fspath(release),
@@ -82,8 +107,11 @@ def build_shards(release: pathlib.Path, out: pathlib.Path, name: str = "syntheti
         path_column="file",
         label_columns=list(CLASSES),
         patient_column="patient",
+        study_column=has("study"),
+        view_column=has("view"),
         split_column="split",
         source_name=name,
+        views="all",
     )
     options = prep.PrepOptions(size=size, min_size=size, records_per_shard=64, deduplicate=False)
     local_runner.run_local(source, os.fspath(out), options, workers=1, progress=False)

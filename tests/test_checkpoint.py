@@ -190,3 +190,12 @@ def test_save_killed_midway_is_not_the_latest(tmp_path):
     assert "1" in names and "2" not in names and any(n.startswith("2.") for n in names), names
     with Checkpointer(tmp_path, save_every=1, keep_last=5) as ckpt:
         assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
+
+
+def test_a_checkpoint_of_another_state_is_refused_by_name(tmp_path):
+    with Checkpointer(tmp_path, save_every=1, keep_last=1, async_save=False) as ckpt:
+        ckpt.save(2, {"w": jnp.zeros((4,), jnp.float32), "step": jnp.int32(2)}, {}, {"head": {"kind": "linear"}})
+    with Checkpointer(tmp_path, save_every=1, keep_last=1) as ckpt:
+        assert ckpt.saved_config() == {"head": {"kind": "linear"}}  # read without the state
+        with pytest.raises(ValueError, match=rf"{tmp_path} step 2 does not fit this run's state.*\(3,\)"):
+            _restore_tiny(ckpt)  # w is (3,) here

@@ -172,6 +172,10 @@ def test_linear_probe_interop(avgpool):
     np.testing.assert_allclose(classifier_from_state(cfg, state)(feats), want, atol=1e-5)
     cfg2, state2 = heads.import_classifier(sd, avgpool=avgpool)
     assert cfg2 == cfg and _same_tree(state2, state)
+    two = cfg.replace(views=2)  # --multiview: twice the input, told by the caller (shapes cannot say)
+    sd2 = heads.export_classifier(two, _random_state(two))
+    assert sd2["linear.weight"].shape == (k, 2 * cfg.in_features)
+    assert heads.import_classifier(sd2, avgpool=avgpool, views=2)[0] == two
     plain = {"linear.weight": np.zeros((k, 4 * d), np.float32), "linear.bias": np.zeros(k, np.float32)}
     with pytest.raises(ConversionError, match=r"'linear\.weight': input width 64 is not a multiple of 5"):
         heads.import_classifier(plain, avgpool=True)  # 4 CLS tokens + the average: 5 equal parts

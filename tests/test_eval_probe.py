@@ -158,3 +158,39 @@ def test_flip_modes_mirror_the_width_axis_and_average_probabilities(features, me
     np.testing.assert_allclose(got["average"], (got["none"] + got["only"]) / 2, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="eval.flip"):
         feeder("both")
+
+
+def test_two_view_linear_probe_reads_each_views_cls_and_avgpool_in_order(features, mesh):
+    """(B, 2, H, W, C) views: the probe's input is [cls_1 ; avg_1 ; cls_2 ; avg_2] of single-view features."""
+    rng = np.random.default_rng(0)
+    views = rng.standard_normal((8, 2, 32, 32, 3)).astype(np.float32)
+    one = jax.jit(features.__call__)
+    backbone = features.state
+    got = one(backbone, views)
+    first, second = one(backbone, views[:, 0]), one(backbone, views[:, 1])
+    np.testing.assert_allclose(got["cls"], np.concatenate([first["cls"], second["cls"]], -1), atol=1e-5)
+    np.testing.assert_allclose(got["patch"], first["patch"], atol=1e-5)  # GLoRI's memory: the first view
+    cfg = ClassifierConfig(kind="linear", num_classes=3, embed_dim=features.cfg.embed_dim, avgpool=True, views=2)
+    assert cfg.in_features == 2 * 5 * features.cfg.embed_dim
+    bank = HeadBank(cfg, Optimization((0.0,)), features, mesh)
+    state = bank.init(2, 1)
+    probs = bank.predict(state["params"], state["rest"], jax.device_put(backbone, bank.replicated), views)
+    x = np.concatenate([first["cls"], first["avgpool"], second["cls"], second["avgpool"]], -1)
+    w = state["params"].to_pure_dict()["linear"]
+    want = 1 / (1 + np.exp(-(x @ np.asarray(w["kernel"][0]) + np.asarray(w["bias"][0]))))
+    np.testing.assert_allclose(np.asarray(probs[0]), want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="only the linear probe"):
+        ClassifierConfig(kind="glori", num_classes=3, embed_dim=8, views=2)
+
+
+def test_resuming_under_another_configuration_is_refused(tmp_path):
+    saved = {"task": {"name": "t"}, "head": {"kind": "glori"}, "train": {"lrs": [1e-3, 1e-2], "log_every": 5}}
+    with Checkpointer(tmp_path, save_every=1, keep_last=1, async_save=False) as ckpt:
+        ckpt.save(1, {"step": jax.numpy.int32(1)}, {}, saved)
+    same = {**saved, "train": {"lrs": (1e-3, 1e-2), "log_every": 50}}  # logging may change; tuples read as lists
+    assert loop.config_changes(saved, same) == []
+    other = {**saved, "head": {"kind": "linear"}, "train": {"lrs": (1e-3,)}}
+    assert loop.config_changes(saved, other) == ["head", "train.lrs"]
+    with Checkpointer(tmp_path, save_every=1, keep_last=1) as ckpt:
+        with pytest.raises(ValueError, match=r"another configuration \(changed: head, train.lrs\)"):
+            loop.fit(None, None, None, None, seed=0, steps=2, log={}, checkpointer=ckpt, config=other)

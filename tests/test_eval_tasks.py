@@ -1,6 +1,7 @@
 """Evaluation tasks on real data_prep shards: metadata reading, label columns and policies, patient-level splits."""
 
 import csv
+import dataclasses
 import os
 import shutil
 import time
@@ -441,3 +442,56 @@ def test_label_table_subset():
     assert s.labels[:, 0].tolist() == [4, 1] and s.image_id.tolist() == ["z", "w"] and s.path.tolist() == ["Z", "W"]
     with pytest.raises(IndexError):
         t.subset([5])
+    m = dataclasses.replace(t, second_record=np.array([1, 0, 3, 2, 4])).subset([3, 4])
+    assert m.second_record.tolist() == [2, 4]
+
+
+def test_second_views_on_hand_written_studies():
+    rows = [  # (dataset, source, patient, study, view)
+        (0, "mimic", "p1", "s1", "PA"),  # 0: s1 has PA, LATERAL, AP -> the lateral
+        (0, "mimic", "p1", "s1", "LATERAL"),  # 1: the first other view that differs: the PA
+        (0, "mimic", "p1", "s1", "AP"),  # 2: differs from the PA first
+        (0, "mimic", "p1", "s2", "PA"),  # 3: alone in its study -> itself
+        (0, "mimic", "p2", "", "PA"),  # 4: no study id -> itself
+        (0, "mimic", "p2", "", "LATERAL"),  # 5: no study id -> itself
+        (1, "mimic", "p1", "s1", "PA"),  # 6: same ids in another dataset: another study -> 7
+        (1, "mimic", "p1", "s1", "pa "),  # 7: the same view (case, blanks) -> the first other record, 6
+        (0, "chexpert", "p1", "s1", "PA"),  # 8: another source -> itself
+    ]
+    d, src, pat, study, view = zip(*rows)
+    meta = {
+        "record_index": np.arange(len(rows), dtype=np.int64),
+        "dataset": np.array(d, np.int32),
+        "source": np.array(src),
+        "patient_id": np.array(pat),
+        "study_id": np.array(study),
+        "view_position": np.array(view),
+    }
+    assert tasks.second_views(meta).tolist() == [1, 0, 0, 3, 4, 5, 7, 6, 8]
+
+
+def test_multiview_tables_pair_each_row_with_its_study(tmp_path):
+    """Frontal rows kept by the view filter still get their study's lateral as the second view."""
+    release = tmp_path / "release"
+    (release / "images").mkdir(parents=True)
+    files = sorted(os.listdir(os.path.join(KERMANY, "images")))[:6]
+    with open(release / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "finding", "patient", "study", "view", "split"])
+        for i, name in enumerate(files):  # studies s0, s0, s1, s1, s2 (alone), s3 (alone)
+            shutil.copy(os.path.join(KERMANY, "images", name), release / "images" / name)
+            view = "LATERAL" if i in (1, 2) else "PA"
+            w.writerow([f"images/{name}", i % 2, f"p{i // 2}", f"s{min(i // 2, 2) if i < 5 else 3}", view, "train"])
+    source = get_source(
+        "folder", os.fspath(release), csv="labels.csv", path_column="file", label_columns=["finding"],
+        patient_column="patient", study_column="study", view_column="view", split_column="split", views="all",
+    )  # fmt: skip
+    local_runner.run_local(source, os.fspath(tmp_path / "out"), prep.PrepOptions(size=64, min_size=64), workers=1)
+    ds = writers.dataset_dir(tmp_path / "out", "folder", prep.DATASET_VERSION)
+    task = TaskSpec("t", ("finding",), splits={"train": SplitRule("train")}, views=("PA",), multiview=True)
+    table = tasks.load_task([ds], task, splits=("train",))["train"]
+    meta = tasks.read_metadata([ds], "train")
+    by_record = lambda r: meta["path"][r]
+    pairs = {os.path.basename(p): os.path.basename(by_record(s)) for p, s in zip(table.path, table.second_record)}
+    assert pairs == {files[0]: files[1], files[3]: files[2], files[4]: files[4], files[5]: files[5]}
+    assert tasks.load_task([ds], dataclasses.replace(task, multiview=False), ("train",))["train"].second_record is None

@@ -234,6 +234,40 @@ def test_label_efficiency_trains_on_subsets_only(shards, tmp_path):
     assert "0.25" in (tmp_path / "label_efficiency.md").read_text()
 
 
+def test_two_view_linear_probe_reads_the_second_view(tmp_path):
+    """PA rows whose labels show only in their study's lateral: a two-view probe reads them, and predict
+    pairs the views the same way."""
+    release = synthetic.write_two_view_release(tmp_path / "release", COUNTS, amplitude=60.0)
+    dataset = synthetic.build_shards(release, tmp_path / "shards", name="two_view")
+    cfg = config(dataset, **{"head.kind": "linear", "head.avgpool": True, "refit.enabled": False})
+    cfg.task = {**synthetic.task_config(), "views": ("PA",), "multiview": True}
+    cfg.train.update(lrs=(1e-2, 1e-1))
+    cfg.report.plots = False
+    results = evaluate.evaluate(cfg, os.fspath(TINY_TEACHER), tmp_path / "probe")
+    assert results["splits"]["test"] == COUNTS["test"]  # the PA images only
+    assert results["macro"]["auroc_ci"][0] > 0.6  # the PA images carry no pattern: only the lateral can tell
+    head = tmp_path / "probe" / "head"
+    assert classifiers.load_classifier(head)[0].views == 2
+
+    cfg.workflow = "predict"
+    cfg.predict.update(head=os.fspath(head), split="test")
+    evaluate.evaluate(cfg, os.fspath(TINY_TEACHER), tmp_path / "predict")
+    with open(tmp_path / "predict" / "predictions.csv") as f:
+        got = {r[0]: r[1:] for r in csv.reader(f)}
+    with open(tmp_path / "probe" / "test" / "predictions.csv") as f:
+        want = list(csv.reader(f))
+    assert len(got) == 2 * COUNTS["test"] + 1  # predict reads every image of the split, laterals too
+    same_rows = np.asarray([got[r[0]] for r in want[1:]], float)
+    np.testing.assert_allclose(same_rows, np.asarray([r[1:] for r in want[1:]], float), atol=2e-6)
+    with pytest.raises(ValueError, match="predict its inputs from shards"):
+        evaluate.evaluate(
+            cfg, os.fspath(TINY_TEACHER), tmp_path / "files", images=[str(release / "images" / "s0000_pa.png")]
+        )
+    cfg.workflow, cfg.head.kind = "probe", "glori"
+    with pytest.raises(ValueError, match="only head.kind='linear' reads"):
+        evaluate.evaluate(cfg, os.fspath(TINY_TEACHER), tmp_path / "glori")
+
+
 def test_config_errors_are_clear(shards, tmp_path):
     with pytest.raises(ValueError, match="datasets is empty"):
         evaluate.evaluate(config(shards["real"], **{"data.datasets": ()}), os.fspath(TINY_TEACHER), tmp_path)

@@ -29,9 +29,10 @@ _NO_HEADS = flags.DEFINE_bool("no_heads", False, "Drop the DINO / iBOT heads (ba
 _HEAD_NAME = flags.DEFINE_string("head_name", None, "Classifier head to take from a file holding several.")
 _HEAD_LR = flags.DEFINE_float("head_lr", 0.001, "lr in the exported head's name, if the classifier dir has none.")
 _HEAD_NUM_HEADS = flags.DEFINE_integer("head_num_heads", 8, "GLoRI attention heads (not visible in the shapes).")
+_HEAD_VIEWS = flags.DEFINE_integer("head_views", 1, "Views a linear head reads (2: trained with --multiview).")
 
 
-def head_to_jax(obj: dict, out: str, name: str | None, num_heads: int) -> None:
+def head_to_jax(obj: dict, out: str, name: str | None, num_heads: int, views: int = 1) -> None:
     name, sd = heads.read_head_file(obj, name)
     parsed = heads.parse_head_name(name) if name else {}
     cfg, state = heads.import_classifier(
@@ -39,6 +40,7 @@ def head_to_jax(obj: dict, out: str, name: str | None, num_heads: int) -> None:
         n_blocks=parsed.get("n_blocks", 4),
         avgpool=parsed.get("avgpool", False),
         num_heads=num_heads,
+        views=views,
         where=f"{heads.PREFIX}{name}." if name else "",
     )
     metadata = {"head_name": name, "lr": parsed["lr"]} if name else {}
@@ -79,7 +81,7 @@ def main(argv: list[str]) -> None:
         if _TO.value == "jax":
             obj = torch_io.read_checkpoint(_CHECKPOINT.value)
             if heads.is_head_checkpoint(obj):
-                head_to_jax(obj, _OUT.value, _HEAD_NAME.value, _HEAD_NUM_HEADS.value)
+                head_to_jax(obj, _OUT.value, _HEAD_NAME.value, _HEAD_NUM_HEADS.value, _HEAD_VIEWS.value)
             else:
                 to_jax(obj, _OUT.value, _SOURCE.value, _NUM_HEADS.value, not _NO_HEADS.value)
         elif classifiers.is_classifier_dir(_CHECKPOINT.value):

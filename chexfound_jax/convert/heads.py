@@ -107,7 +107,7 @@ def _bare_decoder(sd: Mapping[str, Any]) -> bool:
 
 
 def _infer_config(
-    sd: Mapping[str, Any], n_blocks: int, avgpool: bool, num_heads: int, describe: Callable[[str], str]
+    sd: Mapping[str, Any], n_blocks: int, avgpool: bool, num_heads: int, views: int, describe: Callable[[str], str]
 ) -> ClassifierConfig:
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
@@ -156,18 +156,27 @@ def _infer_config(
         )
     if "linear.weight" in sd:
         k, width = dims("linear.weight", 2)
-        embed = per_block(width, n_blocks + int(avgpool), "linear.weight")
-        return ClassifierConfig(kind="linear", num_classes=k, embed_dim=embed, n_blocks=n_blocks, avgpool=avgpool)
+        embed = per_block(width, views * (n_blocks + int(avgpool)), "linear.weight")
+        return ClassifierConfig(
+            kind="linear", num_classes=k, embed_dim=embed, n_blocks=n_blocks, avgpool=avgpool, views=views
+        )
     raise ConversionError(f"no GLoRI (decoder.*) or linear-probe (linear.weight) keys, got {sorted(sd)[:5]}")
 
 
 def import_classifier(
-    sd: Mapping[str, Any], *, n_blocks: int = 4, avgpool: bool = False, num_heads: int = 8, where: str = ""
+    sd: Mapping[str, Any],
+    *,
+    n_blocks: int = 4,
+    avgpool: bool = False,
+    num_heads: int = 8,
+    views: int = 1,
+    where: str = "",
 ) -> tuple[ClassifierConfig, dict]:
     """Official head state dict -> (config, variables as a pure dict of numpy); strict on keys and shapes.
 
     The architecture comes from the tensor shapes; n_blocks and avgpool from the head name (see
-    parse_head_name); num_heads cannot be seen in shapes (official: 8). `where` is prepended to key
+    parse_head_name); num_heads (official: 8) and a linear head's views (2 for --multiview) cannot be
+    seen in shapes. `where` is prepended to key
     names in error messages (e.g. "classifiers_dict.<name>."). A bare decoder dict (the
     nn.TransformerDecoder's own keys, without "decoder.") is accepted too.
     """
@@ -178,7 +187,7 @@ def import_classifier(
     def describe(key: str) -> str:
         return repr(where + (key.removeprefix("decoder.") if bare else key))
 
-    cfg = _infer_config(sd, n_blocks, avgpool, num_heads, describe)
+    cfg = _infer_config(sd, n_blocks, avgpool, num_heads, views, describe)
     abstract = abstract_classifier_state(cfg)
     rules = _rules(cfg)
     known = {key for key, *_ in rules}

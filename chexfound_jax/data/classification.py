@@ -69,7 +69,8 @@ class LabelledRecords:
     """The rows of one or more label tables, each resolved to its shard record; row r -> (image, labels).
 
     Several tables are concatenated in order (the train+val refit); tables may read different data_prep
-    splits of the same datasets.
+    splits of the same datasets. With multiview tables (`second_record` set) every row has two views and
+    the batches' images are (2, S, S, 3): the row's image, then its study's second view.
     """
 
     def __init__(self, datasets: Sequence[epath.PathLike], tables: Sequence[Any]):
@@ -84,6 +85,11 @@ class LabelledRecords:
         self.record = np.concatenate([np.asarray(t.record_index, np.int64) for t in tables])
         self.labels = np.concatenate([np.asarray(t.labels, np.float32) for t in tables])
         self._splits = [t.shard_split for t in tables]
+        second = [getattr(t, "second_record", None) for t in tables]
+        paired = {s is not None for s in second}
+        if len(paired) != 1:
+            raise ValueError("label tables mix single-view and multiview tables")
+        self.second = np.concatenate([np.asarray(s, np.int64) for s in second]) if paired.pop() else None
 
     def __len__(self) -> int:
         return len(self.record)
@@ -97,10 +103,19 @@ class LabelledRecords:
             self._sources[split] = ShardedSource(self.datasets, split)
         return self._sources[split]
 
-    def image(self, row: int) -> np.ndarray:
+    @property
+    def views(self) -> int:
+        return 1 if self.second is None else 2
+
+    def image(self, row: int, view: int = 0) -> np.ndarray:
+        """The stored image of a row's view (0: the row's own record, 1: its second view)."""
         source = self.source(self._splits[self.split_of[row]])
-        image, _ = decode_image(source, int(self.record[row]))
+        image, _ = decode_image(source, int((self.record if view == 0 else self.second)[row]))
         return image
+
+    def images(self, row: int) -> list[np.ndarray]:
+        """Every view of a row."""
+        return [self.image(row, v) for v in range(self.views)]
 
 
 def train_batches(
@@ -124,8 +139,9 @@ def train_batches(
 
     def example(row: Any, rng: np.random.Generator) -> dict:
         row = int(row)
+        views = [train_image(image, rng, transform) for image in records.images(row)]  # independent augmentations
         return {
-            "image": train_image(records.image(row), rng, transform),
+            "image": views[0] if records.views == 1 else np.stack(views),
             "labels": records.labels[row],
             "row": np.int64(row),
         }
@@ -150,22 +166,25 @@ def eval_batches(
     padded = -(-n // per_round) * per_round
     width = records.num_classes
 
+    shape = (image_size, image_size, 3) if records.views == 1 else (records.views, image_size, image_size, 3)
+
     def example(i: Any) -> dict:
         i = int(i)
         if i >= n:
             return {
-                "image": np.zeros((image_size, image_size, 3), np.float32),
+                "image": np.zeros(shape, np.float32),
                 "labels": np.full(width, np.nan, np.float32),
                 "row": np.int64(-1),
                 "valid": np.bool_(False),
             }
         try:
-            x = eval_image(records.image(i), image_size)
+            views = [eval_image(image, image_size) for image in records.images(i)]
         except ValueError as e:
             if isinstance(e, BadRecordError):
                 raise
             split = records._splits[records.split_of[i]]
             raise BadRecordError(f"{split} record {records.record[i]}: {e}") from e
+        x = views[0] if records.views == 1 else np.stack(views)
         return {"image": x, "labels": records.labels[i], "row": np.int64(i), "valid": np.bool_(True)}
 
     ds = grain.MapDataset.range(padded)[shard_index::shard_count].map(example)

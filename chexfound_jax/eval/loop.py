@@ -7,7 +7,8 @@ global batch its devices hold (`process_data_shard`), and predictions are gather
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -87,6 +88,11 @@ def fit(
     """
     log.setdefault("losses", [])
     if checkpointer is not None and checkpointer.latest_step() is not None:
+        if config is not None and (changed := config_changes(checkpointer.saved_config(), config)):
+            raise ValueError(
+                f"{checkpointer.directory} holds head training of another configuration (changed: "
+                f"{', '.join(changed)}): use a new workdir or remove it to start over"
+            )
         abstract = bank.abstract_state()
         shardings = jax.tree.map(lambda _: bank.replicated, abstract)
         state, saved, _ = checkpointer.restore(abstract_state=abstract, shardings=shardings)
@@ -101,7 +107,11 @@ def fit(
     ds = classification.train_batches(
         records, feeder.transform, batch_size=local_batch, seed=seed, shard_index=index, shard_count=count
     )[start:steps]
-    shapes = {"image": np.zeros((1,) * 4), "labels": np.zeros((1, 1)), "row": np.zeros(1)}
+    shapes = {
+        "image": np.zeros((1,) * (4 if records.views == 1 else 5)),
+        "labels": np.zeros((1, 1)),
+        "row": np.zeros(1),
+    }
     it = DeviceIterator(feeder._iter(ds), feeder.shardings(shapes), feeder.global_batch)
     rng = jax.random.key(seed)
     progress = Progress(steps, start, images_per_step=feeder.global_batch)
@@ -124,6 +134,27 @@ def fit(
         if checkpointer is not None:
             checkpointer.wait()
     return state
+
+
+# What a resumed head training must share with the run that checkpointed it (logging, checkpoint
+# intervals, reports and the number of reader threads may change).
+RESUME_KEYS = (
+    "workflow", "task", "head", "backbone", "data.datasets", "data.image_size", "data.train_scale", "data.flip_p",
+    "data.rot90_p", "data.train_minmax", "train.lrs", "train.weight_decay", "train.asymmetric_loss",
+    "train.batch_size", "train.val_epochs", "train.epochs", "train.seed", "refit", "label_efficiency",
+)  # fmt: skip
+
+
+def config_changes(saved: Mapping[str, Any], config: Any, keys: Sequence[str] = RESUME_KEYS) -> list[str]:
+    """The dotted `keys` whose values differ between a checkpoint's saved config dict and `config`."""
+    current = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else dict(config)))
+
+    def get(tree: Any, key: str) -> Any:
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, Mapping) else None
+        return tree
+
+    return [k for k in keys if get(saved, k) != get(current, k)]
 
 
 def predict(

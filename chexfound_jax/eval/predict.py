@@ -48,6 +48,11 @@ def run(env: Environment, workdir: epath.Path, images: Sequence[str] = ()) -> di
     files = list(images) or list(p.images)
     failures: list[tuple[str, str]] = []
     if files:
+        if head_cfg.views > 1:
+            raise ValueError(
+                f"{p.head} is a {head_cfg.views}-view head: predict its inputs from shards (predict.split), "
+                "where each image's study gives the second view"
+            )
         arrays, ids = [], []
         for path in files:
             try:
@@ -70,6 +75,7 @@ def run(env: Environment, workdir: epath.Path, images: Sequence[str] = ()) -> di
             patient_id=meta_rows["patient_id"],
             image_id=meta_rows["image_id"],
             path=meta_rows["path"],
+            second_record=tasks.second_views(meta_rows) if head_cfg.views > 1 else None,
         )
         probs = loop.predict(env.feeder, bank, *stacked, env.records(table))[0]
         ids = list(table.image_id)

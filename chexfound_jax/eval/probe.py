@@ -68,9 +68,20 @@ class FrozenFeatures:
         self.graphdef, self.state = nnx.split(model_from_params(self.cfg, params))
 
     def __call__(self, state: nnx.State, images: jax.Array) -> dict[str, jax.Array]:
+        """Head inputs of (B, H, W, C) images, or of (B, V, H, W, C) views: the views' "cls" and "avgpool"
+        concatenated in view order, "patch" of the first view (GLoRI reads one image)."""
         model = nnx.merge(self.graphdef, state)
-        blocks = model.last_blocks(images.astype(self.cfg.compute_dtype), self.n_blocks, norm=True)
-        return jax.tree.map(jax.lax.stop_gradient, head_inputs(blocks))
+        views = images.reshape(-1, *images.shape[-3:]) if images.ndim == 5 else images
+        blocks = model.last_blocks(views.astype(self.cfg.compute_dtype), self.n_blocks, norm=True)
+        feats = jax.tree.map(jax.lax.stop_gradient, head_inputs(blocks))
+        if images.ndim == 5:
+            b, v = images.shape[:2]
+            feats = {
+                "cls": feats["cls"].reshape(b, -1),
+                "avgpool": feats["avgpool"].reshape(b, -1),
+                "patch": feats["patch"].reshape(b, v, *feats["patch"].shape[1:])[:, 0],
+            }
+        return feats
 
 
 class HeadBank:
@@ -159,7 +170,7 @@ class HeadBank:
             return jax.nn.sigmoid(logits.astype(jnp.float32))
 
         check_flip(flip)
-        mirrored = images[:, :, ::-1]  # (B, H, W, C): HFlip; after Normalize it equals flipping before
+        mirrored = images[..., ::-1, :]  # (..., H, W, C): HFlip; after Normalize it equals flipping before
         if flip == "only":
             return probs(mirrored)
         if flip == "average":

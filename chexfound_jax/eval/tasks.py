@@ -102,7 +102,8 @@ class TaskSpec:
     label column absent from one of several datasets means: "error", or "unknown" (NaN for that dataset's
     records whatever `missing` says, e.g. CXR-LT classes on CheXpert images). `views`: keep only records
     whose view_position is one of these (case-insensitive); None keeps all. Records whose labels are all
-    unknown after the policies are dropped (they would carry no loss and no metric).
+    unknown after the policies are dropped (they would carry no loss and no metric). `multiview`: each
+    record also gets a second view from its study (`second_views`), for the two-view linear probe.
     """
 
     name: str
@@ -114,6 +115,7 @@ class TaskSpec:
     split_seed: int = 0
     views: tuple[str, ...] | None = None
     absent_columns: str = "error"
+    multiview: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -387,6 +389,7 @@ class LabelTable:
     image_id: np.ndarray  # (N,) str
     path: np.ndarray  # (N,) str
     class_names: tuple[str, ...] = ()
+    second_record: np.ndarray | None = None  # (N,) int64: the second view's record (multiview tasks)
 
     def __len__(self) -> int:
         return len(self.record_index)
@@ -404,6 +407,7 @@ class LabelTable:
             patient_id=take(self.patient_id),
             image_id=take(self.image_id),
             path=take(self.path),
+            second_record=None if self.second_record is None else take(self.second_record),
         )
 
 
@@ -429,6 +433,27 @@ def _task_labels(datasets: Sequence[epath.PathLike], task: TaskSpec, meta: Mappi
     return labels
 
 
+def second_views(meta: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(N,) record index of each record's second view: another image of the same study, in record order.
+
+    A study is (dataset, source, patient_id, study_id). The partner is the first other record of the study
+    whose view_position differs (a lateral for a frontal, a frontal for a lateral), else the first other
+    record; a record without a study id, or alone in its study, is its own second view.
+    """
+    out = meta["record_index"].astype(np.int64).copy()
+    view = np.char.upper(np.char.strip(meta["view_position"]))
+    studies: dict[tuple, list[int]] = {}
+    keys = zip(meta["dataset"].tolist(), meta["source"], meta["patient_id"], meta["study_id"])
+    for i, (d, source, patient, study) in enumerate(keys):
+        if study:
+            studies.setdefault((d, source, patient, study), []).append(i)
+    for members in studies.values():
+        for i in members if len(members) > 1 else ():
+            others = [j for j in members if j != i]
+            out[i] = next((j for j in others if view[j] != view[i]), others[0])
+    return out
+
+
 def load_task(
     datasets: Sequence[epath.PathLike], task: TaskSpec, splits: Sequence[str] = ("train", "val", "test")
 ) -> dict[str, LabelTable]:
@@ -445,6 +470,7 @@ def load_task(
         meta = read_metadata(datasets, shard_split)
         labels = _task_labels(datasets, task, meta)
         keep = ~np.all(np.isnan(labels), axis=1)
+        second = second_views(meta) if task.multiview else None  # partners may be filtered-out records
         if task.views is not None:
             keep &= np.isin(np.char.upper(meta["view_position"]), task.views)
         parts: dict[tuple[float, ...], np.ndarray] = {}
@@ -468,6 +494,7 @@ def load_task(
                 image_id=meta["image_id"][idx],
                 path=meta["path"][idx],
                 class_names=task.class_names,
+                second_record=None if second is None else second[idx],
             )
     _warn_shared_patients(tables)
     return {s: tables[s] for s in splits}

@@ -54,8 +54,13 @@ class Environment:
     def datasets(self) -> list[str]:
         return list(self.cfg.data.datasets)
 
-    def head_config(self, num_classes: int) -> classifiers.ClassifierConfig:
+    def head_config(self, num_classes: int, views: int = 1) -> classifiers.ClassifierConfig:
         h = self.cfg.head
+        if views > 1 and h.kind != "linear":
+            raise ValueError(
+                f"task.multiview gives {views} views per image, which only head.kind='linear' reads "
+                f"(the official GLoRI ignores the second view); got head.kind={h.kind!r}"
+            )
         return classifiers.ClassifierConfig(
             kind=h.kind,
             num_classes=num_classes,
@@ -67,6 +72,7 @@ class Environment:
             ffn_dim=h.ffn_dim,
             dropout=h.dropout,
             cat_cls=h.cat_cls,
+            views=views,
         )
 
     def bank(self, head_cfg: classifiers.ClassifierConfig, lrs: Sequence[float]) -> HeadBank:
@@ -163,8 +169,8 @@ def train_head(
     and validation scores go to TensorBoard as `<run>/<phase>/...`.
     """
     t = env.cfg.train
-    head_cfg = env.head_config(len(names))
     records = env.records(train)
+    head_cfg = env.head_config(len(names), records.views)
     batch = env.batch_for(len(records))
     epoch = classification.num_batches(len(records), batch)
     total = int(t.val_epochs) * epoch
@@ -238,8 +244,18 @@ def train_head(
 # --- testing a head -------------------------------------------------------------------------------
 
 
+def check_views(head_cfg: classifiers.ClassifierConfig, views: int, where: str) -> None:
+    """A head reads the number of views it was trained on."""
+    if head_cfg.views != views:
+        raise ValueError(
+            f"{where}: the head takes {head_cfg.views} view(s) per image, the data gives {views} "
+            "(task.multiview must match the head's training)"
+        )
+
+
 def predict_head(env: Environment, head_cfg, params, rest, records: classification.LabelledRecords) -> np.ndarray:
     """(N, K) probabilities of one head."""
+    check_views(head_cfg, records.views, "predict")
     bank = env.bank(head_cfg, (0.0,))
     stacked = stack_heads([(params, rest)])
     return loop.predict(env.feeder, bank, *stacked, records)[0]

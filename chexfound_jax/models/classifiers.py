@@ -60,11 +60,12 @@ class ClassifierConfig:
     dropout: float = 0.1
     cat_cls: bool = False  # GLoRI: [CLS concat ; query output] before the group FC
     norm_eps: float = 1e-5
+    views: int = 1  # linear only: views per sample (2: --multiview), their inputs concatenated in order
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"classifier kind {self.kind!r} is not one of {KINDS}")
-        for name in ("num_classes", "embed_dim", "n_blocks", "decoder_dim", "num_heads", "ffn_dim"):
+        for name in ("num_classes", "embed_dim", "n_blocks", "decoder_dim", "num_heads", "ffn_dim", "views"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"classifier field {name} must be a positive int, got {value!r}")
@@ -72,6 +73,8 @@ class ClassifierConfig:
             raise ValueError(f"decoder_dim {self.decoder_dim} is not divisible by num_heads {self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.views > 1 and self.kind != "linear":
+            raise ValueError(f"views={self.views}: only the linear probe takes several views (GLoRI reads one image)")
 
     @property
     def feature_dim(self) -> int:
@@ -79,9 +82,14 @@ class ClassifierConfig:
         return self.n_blocks * self.embed_dim
 
     @property
-    def in_features(self) -> int:
-        """Input width of the linear probe (CLS concat, plus D with avgpool)."""
+    def view_features(self) -> int:
+        """Linear-probe input width per view: CLS concat, plus D with avgpool."""
         return self.feature_dim + (self.embed_dim if self.avgpool else 0)
+
+    @property
+    def in_features(self) -> int:
+        """Input width of the linear probe: every view's [CLS concat (; avgpool)], view after view."""
+        return self.views * self.view_features
 
     @property
     def pooled_dim(self) -> int:
@@ -111,7 +119,8 @@ def head_inputs(blocks: Sequence[tuple[jax.Array, jax.Array, jax.Array]]) -> dic
 
     blocks are (cls (B, D), registers (B, R, D), patches (B, N, D)), shallow to deep. Channel
     l * D + d of "cls" / "patch" belongs to the l-th block; "avgpool" is the mean of the deepest
-    block's patch tokens. Unused entries cost nothing under jit.
+    block's patch tokens. Unused entries cost nothing under jit. For V views per sample (`views_input`)
+    "cls" and "avgpool" hold the views one after another, (B, V * width).
     """
     if not blocks:
         raise ValueError("head_inputs needs at least one block")
@@ -137,6 +146,7 @@ class LinearProbe(nnx.Module):
         self.feature_dim = cfg.feature_dim
         self.embed_dim = cfg.embed_dim
         self.avgpool = cfg.avgpool
+        self.views = cfg.views
 
     def __call__(
         self, features: dict[str, jax.Array], *, dropout_rng: jax.Array | None = None, return_attention: bool = False
@@ -145,9 +155,12 @@ class LinearProbe(nnx.Module):
         del dropout_rng
         if return_attention:
             raise ValueError("the linear probe has no attention maps (return_attention is GLoRI only)")
-        x = feature(features, "cls", self.feature_dim, ndim=2)
-        if self.avgpool:
-            x = jnp.concatenate([x, feature(features, "avgpool", self.embed_dim, ndim=2)], axis=-1)
+        v = self.views
+        x = feature(features, "cls", v * self.feature_dim, ndim=2)
+        if self.avgpool:  # per view [cls ; avgpool], as the official linear input of each view
+            pooled = feature(features, "avgpool", v * self.embed_dim, ndim=2)
+            per_view = [x.reshape(-1, v, self.feature_dim), pooled.reshape(-1, v, self.embed_dim)]
+            x = jnp.concatenate(per_view, axis=-1).reshape(x.shape[0], -1)
         return self.linear(x)
 
 

@@ -127,6 +127,20 @@ class Checkpointer:
         """All finalised steps still on disk, ascending."""
         return sorted(self._manager.all_steps())
 
+    def _step(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        elif step not in self._manager.all_steps():
+            raise FileNotFoundError(f"no finished checkpoint for step {step} in {self.directory}")
+        return step
+
+    def saved_config(self, step: int | None = None) -> dict[str, Any]:
+        """The config dict saved with `step` (default: the latest), without reading the state."""
+        step = self._step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+
     def restore(
         self, step: int | None = None, *, abstract_state: Any, shardings: Any
     ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -134,27 +148,21 @@ class Checkpointer:
 
         `abstract_state` gives the tree structure, shapes and dtypes (e.g. `Training.abstract_state`)
         and `shardings` the matching tree of target shardings (`Training.state_shardings`); arrays are
-        read directly into those shardings, whatever mesh wrote them.
+        read directly into those shardings, whatever mesh wrote them. A checkpoint whose arrays do not
+        fit `abstract_state` (another model or head configuration) is refused with a ValueError naming it.
         """
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
-        elif step not in self._manager.all_steps():
-            raise FileNotFoundError(f"no finished checkpoint for step {step} in {self.directory}")
+        step = self._step(step)
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
         )
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE: ocp.args.StandardRestore(target),
-                    DATA: ocp.args.JsonRestore(),
-                    CONFIG: ocp.args.JsonRestore(),
-                }
-            ),
-        )
+        args = {STATE: ocp.args.StandardRestore(target), DATA: ocp.args.JsonRestore(), CONFIG: ocp.args.JsonRestore()}
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except ValueError as e:
+            raise ValueError(
+                f"{self.directory} step {step} does not fit this run's state, so it was written by another "
+                f"configuration: use a new directory or remove it ({e})"
+            ) from e
         return restored[STATE], restored[DATA], restored[CONFIG]
 
     def close(self) -> None:
