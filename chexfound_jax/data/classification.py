@@ -107,10 +107,17 @@ class LabelledRecords:
     def views(self) -> int:
         return 1 if self.second is None else 2
 
+    def split(self, row: int) -> str:
+        """The data_prep split a row's records are in."""
+        return self._splits[self.split_of[row]]
+
+    def record_of(self, row: int, view: int = 0) -> int:
+        """The shard record of a row's view (0: the row's own record, 1: its second view)."""
+        return int((self.record if view == 0 else self.second)[row])
+
     def image(self, row: int, view: int = 0) -> np.ndarray:
-        """The stored image of a row's view (0: the row's own record, 1: its second view)."""
-        source = self.source(self._splits[self.split_of[row]])
-        image, _ = decode_image(source, int((self.record if view == 0 else self.second)[row]))
+        """The stored image of a row's view."""
+        image, _ = decode_image(self.source(self.split(row)), self.record_of(row, view))
         return image
 
     def images(self, row: int) -> list[np.ndarray]:
@@ -177,13 +184,14 @@ def eval_batches(
                 "row": np.int64(-1),
                 "valid": np.bool_(False),
             }
-        try:
-            views = [eval_image(image, image_size) for image in records.images(i)]
-        except ValueError as e:
-            if isinstance(e, BadRecordError):
-                raise
-            split = records._splits[records.split_of[i]]
-            raise BadRecordError(f"{split} record {records.record[i]}: {e}") from e
+        views = []
+        for v in range(records.views):
+            try:
+                views.append(eval_image(records.image(i, v), image_size))
+            except ValueError as e:
+                if isinstance(e, BadRecordError):
+                    raise
+                raise BadRecordError(f"{records.split(i)} record {records.record_of(i, v)}: {e}") from e
         x = views[0] if records.views == 1 else np.stack(views)
         return {"image": x, "labels": records.labels[i], "row": np.int64(i), "valid": np.bool_(True)}
 
