@@ -172,7 +172,6 @@ def eval_batches(
     per_round = batch_size * shard_count
     padded = -(-n // per_round) * per_round
     width = records.num_classes
-
     shape = (image_size, image_size, 3) if records.views == 1 else (records.views, image_size, image_size, 3)
 
     def example(i: Any) -> dict:

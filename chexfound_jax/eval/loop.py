@@ -141,7 +141,7 @@ def fit(
 RESUME_KEYS = (
     "workflow", "task", "head", "backbone", "data.datasets", "data.image_size", "data.train_scale", "data.flip_p",
     "data.rot90_p", "data.train_minmax", "train.lrs", "train.weight_decay", "train.asymmetric_loss",
-    "train.batch_size", "train.val_epochs", "train.epochs", "train.seed", "refit", "label_efficiency",
+    "train.batch_size", "train.val_epochs", "train.epochs", "train.seed", "refit.warm_start", "label_efficiency",
 )  # fmt: skip
 
 
