@@ -205,6 +205,18 @@ def test_predict_on_a_split_matches_the_probe_test_predictions(glori_run, shards
     )
 
 
+def test_a_head_without_class_names_takes_the_tasks(glori_run, shards, tmp_path):
+    """A head converted from PyTorch names no classes: predict labels its columns with the task's names."""
+    cfg_, state, meta = classifiers.load_classifier(epath.Path(glori_run[0]) / "head")
+    meta.pop("class_names")
+    classifiers.save_classifier(tmp_path / "head", cfg_, state, meta)
+    cfg = config(shards["real"], workflow="predict")
+    cfg.predict.update(head=os.fspath(tmp_path / "head"), split="test")
+    assert evaluate.evaluate(cfg, os.fspath(TINY_TEACHER), tmp_path / "named")["classes"] == list(synthetic.CLASSES)
+    cfg.task = {**synthetic.task_config(), "class_names": ["marker_b"]}  # 1 class for a 2-class head
+    assert evaluate.evaluate(cfg, os.fspath(TINY_TEACHER), tmp_path / "unnamed")["classes"] == ["class_0", "class_1"]
+
+
 def test_out_of_distribution_evaluation_uses_the_shared_classes(glori_run, shards, tmp_path):
     workdir, _ = glori_run
     cfg = config(shards["control"], workflow="ood")

@@ -431,8 +431,22 @@ def load_head(env: Environment, directory: str) -> tuple[classifiers.ClassifierC
         )
     module = classifiers.classifier_from_state(cfg, state)
     _, params, rest = nnx.split(module, nnx.Param, ...)
-    names = meta.get("class_names") or [f"class_{k}" for k in range(cfg.num_classes)]
+    names = meta.get("class_names") or _unnamed_head_classes(env, directory, cfg.num_classes)
     return cfg, params, rest, {**meta, "class_names": list(names)}
+
+
+def _unnamed_head_classes(env: Environment, directory: str, num_classes: int) -> list[str]:
+    """Class names for a head saved without them (e.g. converted from a PyTorch file): the configured
+    task's when it has as many classes (the released 40-class head with task cxr_lt), else class_<k>."""
+    task = tasks.task_from_config(env.cfg.task)
+    if len(task.class_names) == num_classes:
+        logging.info("%s names no classes: using task %s's %d class names", directory, task.name, num_classes)
+        return list(task.class_names)
+    logging.warning(
+        "%s names no classes and task %s has %d, not %d: columns are class_<k>",
+        directory, task.name, len(task.class_names), num_classes,
+    )  # fmt: skip
+    return [f"class_{k}" for k in range(num_classes)]
 
 
 def run_ood(env: Environment, workdir: epath.Path) -> dict:
