@@ -262,3 +262,8 @@ def test_cli_round_trip(tmp_path, golden_file, golden_head):
     cfg2, state2, meta2 = load_classifier(tmp_path / "back")
     assert cfg2 == cfg and _same_tree(state2, state)
     assert meta2 == {"head_name": GOLDEN_NAME, "lr": 1e-4}
+    r = run("--to=jax", f"--checkpoint={pth}", f"--out={tmp_path / 'named'}", "--head_classes=a, b,c,d,e")
+    assert r.returncode == 0, r.stderr
+    assert load_classifier(tmp_path / "named")[2]["class_names"] == list("abcde")
+    r = run("--to=jax", f"--checkpoint={pth}", f"--out={tmp_path / 'wrong'}", "--head_classes=cxr_lt")
+    assert r.returncode != 0 and "gives 40 class names for a head of 5 outputs" in r.stderr

@@ -6,7 +6,8 @@ python -m chexfound_jax.convert --to=jax --checkpoint=teacher_checkpoint.pth --o
 python -m chexfound_jax.convert --to=pytorch --checkpoint=weights/ --out=teacher_checkpoint.pth
 # classification heads (GLoRI / linear probe): a classifier dir <-> the official classifier checkpoint
 python -m chexfound_jax.convert --to=pytorch --checkpoint=head_dir/ --out=model_final.pth
-python -m chexfound_jax.convert --to=jax --checkpoint=model_final.pth --out=head_dir/ [--head_name=...]
+python -m chexfound_jax.convert --to=jax --checkpoint=model_final.pth --out=head_dir/ [--head_name=...] \
+    [--head_classes=cxr_lt]
 """
 
 from __future__ import annotations
@@ -30,9 +31,24 @@ _HEAD_NAME = flags.DEFINE_string("head_name", None, "Classifier head to take fro
 _HEAD_LR = flags.DEFINE_float("head_lr", 0.001, "lr in the exported head's name, if the classifier dir has none.")
 _HEAD_NUM_HEADS = flags.DEFINE_integer("head_num_heads", 8, "GLoRI attention heads (not visible in the shapes).")
 _HEAD_VIEWS = flags.DEFINE_integer("head_views", 1, "Views a linear head reads (2: trained with --multiview).")
+_HEAD_CLASSES = flags.DEFINE_string(
+    "head_classes", None, "Class names of an imported head: a task name (e.g. cxr_lt) or comma-separated names."
+)
 
 
-def head_to_jax(obj: dict, out: str, name: str | None, num_heads: int, views: int = 1) -> None:
+def head_class_names(spec: str, num_classes: int) -> list[str]:
+    """--head_classes as a list of num_classes names."""
+    from chexfound_jax.eval.tasks import TASKS
+
+    names = list(TASKS[spec].class_names) if spec in TASKS else [n.strip() for n in spec.split(",")]
+    if len(names) != num_classes:
+        raise ValueError(f"--head_classes={spec} gives {len(names)} class names for a head of {num_classes} outputs")
+    return names
+
+
+def head_to_jax(
+    obj: dict, out: str, name: str | None, num_heads: int, views: int = 1, classes: str | None = None
+) -> None:
     name, sd = heads.read_head_file(obj, name)
     parsed = heads.parse_head_name(name) if name else {}
     cfg, state = heads.import_classifier(
@@ -44,6 +60,8 @@ def head_to_jax(obj: dict, out: str, name: str | None, num_heads: int, views: in
         where=f"{heads.PREFIX}{name}." if name else "",
     )
     metadata = {"head_name": name, "lr": parsed["lr"]} if name else {}
+    if classes:
+        metadata["class_names"] = head_class_names(classes, cfg.num_classes)
     classifiers.save_classifier(out, cfg, state, metadata)
     logging.info("wrote %s: %s head, %d classes", out, cfg.kind, cfg.num_classes)
 
@@ -81,7 +99,9 @@ def main(argv: list[str]) -> None:
         if _TO.value == "jax":
             obj = torch_io.read_checkpoint(_CHECKPOINT.value)
             if heads.is_head_checkpoint(obj):
-                head_to_jax(obj, _OUT.value, _HEAD_NAME.value, _HEAD_NUM_HEADS.value, _HEAD_VIEWS.value)
+                head_to_jax(
+                    obj, _OUT.value, _HEAD_NAME.value, _HEAD_NUM_HEADS.value, _HEAD_VIEWS.value, _HEAD_CLASSES.value
+                )
             else:
                 to_jax(obj, _OUT.value, _SOURCE.value, _NUM_HEADS.value, not _NO_HEADS.value)
         elif classifiers.is_classifier_dir(_CHECKPOINT.value):
