@@ -36,10 +36,26 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_decision_lib
 
 STATE, DATA, CONFIG = "state", "data", "config"
+
+
+def _save_replicated_arrays_whole_on_cpu() -> None:
+    """On CPU, writes a replicated array from its first replica instead of slicing it across replicas.
+
+    orbax's replica-parallel save cuts every replicated array into one slice per device, each an eager
+    `lax.slice` dispatch, so that devices share the device-to-host copy. CPU "devices" share host memory,
+    so the slices buy nothing and cost seconds per save (8.5 s of a 0.5 s save for the tiny config on 8
+    CPU devices). orbax itself turns replica-parallel off for GPUs. The files are the same either way.
+    """
+    if jax.default_backend() == "cpu":
+        handler = ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+        )
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 class Checkpointer:
@@ -66,6 +82,7 @@ class Checkpointer:
     ):
         if save_every < 1 or keep_last < 1 or (keep_every or 0) < 0:
             raise ValueError(f"save_every={save_every}, keep_last={keep_last}, keep_every={keep_every} must be >= 1")
+        _save_replicated_arrays_whole_on_cpu()
         path = epath.Path(directory)
         self.directory = path if "://" in str(directory) else path.resolve()  # orbax wants absolute local paths
         preserve: list[Any] = [preservation_lib.LatestN(keep_last)]
