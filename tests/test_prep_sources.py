@@ -402,3 +402,25 @@ def test_folder_csv(tmp_path):
         )
         == 2
     )
+
+
+def test_find_images_folder_order_extension_preference_and_spelling(tmp_path):
+    """The first folder holding a match wins; per stem the first listed extension wins, whatever its case;
+    other names, extensions and subfolders are ignored; the most common on-disk spelling is reported."""
+    import re
+
+    from etils import epath
+
+    pattern = re.compile(r"IMG(\d{3})", re.IGNORECASE)
+    for name in ("images/IMG001.PNG", "images/IMG001.jpg", "images/img002.png", "images/IMG003.png",
+                 "images/IMG004.tif", "images/notes.png", "images/sub/IMG005.png", "IMG009.png"):  # fmt: skip
+        touch(tmp_path, name)
+    root = epath.Path(tmp_path)
+    folder, found, spelled = base_mod.find_images(root, ("absent", "images", ""), pattern, (".png", ".jpg"), str.upper)
+    assert folder == "images"
+    assert found == {"IMG001": "images/IMG001.PNG", "IMG002": "images/img002.png", "IMG003": "images/IMG003.png"}
+    assert spelled == ".png"  # two .png, one .PNG, one .jpg
+    jpg_first = base_mod.find_images(root, ("images",), pattern, (".jpg", ".png"))[1]
+    assert jpg_first["IMG001"] == "images/IMG001.jpg" and "img002" in jpg_first  # key defaults to the stem as is
+    assert base_mod.find_images(root, ("",), pattern, (".png",))[:2] == ("", {"IMG009": "IMG009.png"})
+    assert base_mod.find_images(root, ("absent", "images/sub/x"), pattern, (".png",)) == ("absent", {}, "")

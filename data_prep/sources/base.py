@@ -6,12 +6,14 @@ than yielded, so a partial download is reported and nothing is ever invented to 
 """
 
 import abc
+import collections
 import csv
 import dataclasses
 import gzip
 import io
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import ClassVar
 
 from etils import epath
@@ -143,6 +145,37 @@ def find_file(directory: epath.Path, *names: str) -> epath.Path:
             if path.is_file():
                 return path
     raise FileNotFoundError(f"none of {tried} in {directory}")
+
+
+def find_images(
+    root: epath.Path,
+    folders: Sequence[str],
+    pattern: re.Pattern[str],
+    extensions: Sequence[str],
+    key: Callable[[str], str] = str,
+) -> tuple[str, dict[str, str], str]:
+    """Images named `<stem>.<ext>` (stem matching `pattern`, ext one of the lower-case `extensions`, any case)
+    in the first of `folders` (relative to the root, "" = the root itself) that holds any.
+
+    For releases listed from their file names rather than a CSV. Returns (that folder, {key(stem): relpath}
+    where the first of `extensions` wins for a stem present several times, the folder's most common extension
+    as spelled on disk); (folders[0], {}, "") when none holds one.
+    """
+    for folder in folders:
+        path = root / folder if folder else root
+        if not path.is_dir():
+            continue
+        by_key: dict[str, dict[str, str]] = {}
+        spellings: collections.Counter[str] = collections.Counter()
+        for child in path.iterdir():
+            stem, dot, ext = child.name.rpartition(".")
+            if dot and pattern.fullmatch(stem) and "." + ext.lower() in extensions:
+                by_key.setdefault(key(stem), {})["." + ext.lower()] = f"{folder}/{child.name}" if folder else child.name
+                spellings["." + ext] += 1
+        if by_key:
+            found = {k: next(exts[e] for e in extensions if e in exts) for k, exts in by_key.items()}
+            return folder, found, spellings.most_common(1)[0][0]
+    return folders[0], {}, ""
 
 
 def read_csv(path: epath.Path, delimiter: str = ",") -> Iterator[dict[str, str]]:

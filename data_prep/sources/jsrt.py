@@ -16,13 +16,12 @@ listed too. Labels: ("Nodule",), 1.0 for JPCLN, 0.0 for JPCNN. One image per pat
 unknown views are kept by default and view_position is "".
 """
 
-import collections
 import re
 from collections.abc import Iterator, Sequence
 
 from etils import epath
 
-from data_prep.sources.base import Source, SourceItem
+from data_prep.sources.base import Source, SourceItem, find_images
 
 IMAGE_DIRS = ("All247images", "images", "")
 EXTENSIONS = (".IMG", ".png", ".jpg", ".jpeg")
@@ -54,24 +53,7 @@ class Jsrt(Source):
     def images(self) -> tuple[str, dict[str, str], str]:
         """(image folder, {NAME: relpath}, the folder's most common extension as spelled there)."""
         folders = (self.image_dir,) if self.image_dir is not None else IMAGE_DIRS
-        for folder in folders:
-            path = self.root / folder if folder else self.root
-            found, ext = self._scan(path, folder) if path.is_dir() else ({}, "")
-            if found or self.image_dir is not None:
-                return folder, found, ext
-        return IMAGE_DIRS[0], {}, ""
-
-    def _scan(self, path: epath.Path, folder: str) -> tuple[dict[str, str], str]:
-        by_name: dict[str, dict[str, str]] = {}
-        spellings: collections.Counter[str] = collections.Counter()
-        for child in path.iterdir():
-            stem, dot, ext = child.name.rpartition(".")
-            if not (dot and PATTERN.fullmatch(stem) and "." + ext.lower() in self.extensions):
-                continue
-            by_name.setdefault(stem.upper(), {})["." + ext.lower()] = f"{folder}/{child.name}" if folder else child.name
-            spellings["." + ext] += 1
-        found = {name: next(exts[e] for e in self.extensions if e in exts) for name, exts in by_name.items()}
-        return found, (spellings.most_common(1)[0][0] if spellings else "")
+        return find_images(self.root, folders, PATTERN, self.extensions, key=str.upper)
 
     def candidates(self) -> Iterator[SourceItem]:
         folder, images, ext = self.images()

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from etils import epath
 
-from data_prep.sources.base import Source, SourceItem
+from data_prep.sources.base import Source, SourceItem, find_images
 
 IMAGE_DIRS = ("CXR_png", "images", "")
 READINGS_DIR = "ClinicalReadings"
@@ -49,20 +49,8 @@ class NlmTuberculosis(Source):
     def images(self) -> tuple[str, dict[str, str]]:
         """(image folder relative to the root, {stem: relpath}) of the pattern's images, first extension wins."""
         folders = (self.image_dir,) if self.image_dir is not None else IMAGE_DIRS
-        for folder in folders:
-            path = self.root / folder if folder else self.root
-            found = self._scan(path, folder) if path.is_dir() else {}
-            if found or self.image_dir is not None:
-                return folder, found
-        return IMAGE_DIRS[0], {}
-
-    def _scan(self, path: epath.Path, folder: str) -> dict[str, str]:
-        by_stem: dict[str, dict[str, str]] = {}
-        for child in path.iterdir():
-            stem, dot, ext = child.name.rpartition(".")
-            if dot and self.pattern.fullmatch(stem) and "." + ext.lower() in EXTENSIONS:
-                by_stem.setdefault(stem, {})["." + ext.lower()] = f"{folder}/{child.name}" if folder else child.name
-        return {stem: next(exts[e] for e in EXTENSIONS if e in exts) for stem, exts in by_stem.items()}
+        folder, found, _ = find_images(self.root, folders, self.pattern, EXTENSIONS)
+        return folder, found
 
     def readings(self) -> set[str]:
         """Stems of the clinical readings (empty when the folder is absent)."""
