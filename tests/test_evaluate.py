@@ -29,6 +29,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTS = {"train": 160, "val": 40, "test": 80}
 
 
+def _synthetic_config_file(path: pathlib.Path, shard_dir, *lines: str) -> pathlib.Path:
+    """A config file: tiny_cpu on the synthetic task's shards, then `lines` (statements on `c`)."""
+    statements = (f"c.task = {synthetic.task_config()!r}", f"c.data.datasets = ({os.fspath(shard_dir)!r},)", *lines)
+    header = "from configs.eval import tiny_cpu\ndef get_config():\n    c = tiny_cpu.get_config()\n"
+    path.write_text(header + "".join(f"    {line}\n" for line in statements) + "    return c\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_data")
@@ -132,15 +140,7 @@ def test_linear_probe_cli_and_predict_on_files(shards, tmp_path):
     )
     assert run.returncode != 0 and "evaluate: " in run.stderr and "synthetic" in run.stderr  # not a registered task
     assert "Traceback" not in run.stderr
-    cfg_file = tmp_path / "linear_cfg.py"
-    cfg_file.write_text(
-        "from configs.eval import tiny_cpu\n"
-        "def get_config():\n"
-        "    c = tiny_cpu.get_config()\n"
-        f"    c.task = {synthetic.task_config()!r}\n"
-        f"    c.data.datasets = ({os.fspath(shards['real'])!r},)\n"
-        "    return c\n"
-    )
+    cfg_file = _synthetic_config_file(tmp_path / "linear_cfg.py", shards["real"])
     common[3] = f"--config={cfg_file}"
     run = subprocess.run(
         [*common, f"--workdir={tmp_path / 'linear'}", "--config.head.kind=linear", "--config.refit.enabled=False"],
@@ -294,17 +294,12 @@ def test_two_processes_probe_and_gather_predictions_in_row_order(shards, tmp_pat
     the joint mesh, process 0 writes, and the gathered test predictions are those of the saved head."""
     import portpicker
 
-    cfg_file = tmp_path / "two_process_cfg.py"
-    cfg_file.write_text(
-        "from configs.eval import tiny_cpu\n"
-        "def get_config():\n"
-        "    c = tiny_cpu.get_config()\n"
-        f"    c.task = {synthetic.task_config()!r}\n"
-        f"    c.data.datasets = ({os.fspath(shards['real'])!r},)\n"
-        f"    c.backbone.num_heads = {TINY_HEADS}\n"
-        "    c.train.update(val_epochs=1, epochs=1, eval_period_epochs=1)\n"
-        "    c.metrics.n_bootstrap = 10\n"
-        "    return c\n"
+    cfg_file = _synthetic_config_file(
+        tmp_path / "two_process_cfg.py",
+        shards["real"],
+        f"c.backbone.num_heads = {TINY_HEADS}",
+        "c.train.update(val_epochs=1, epochs=1, eval_period_epochs=1)",
+        "c.metrics.n_bootstrap = 10",
     )
     port = portpicker.pick_unused_port()
     env = {

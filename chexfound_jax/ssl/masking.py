@@ -91,18 +91,11 @@ def block_mask_boxes(
 
 
 def block_mask(
-    rng: np.random.Generator,
-    grid_hw: tuple[int, int],
-    num_masking_patches: int,
-    min_num_patches: float = 4,
-    max_num_patches: float | None = None,
-    min_aspect: float = 0.3,
-    max_aspect: float | None = None,
+    rng: np.random.Generator, grid_hw: tuple[int, int], num_masking_patches: int, **options: float | None
 ) -> np.ndarray:
-    """Official BEiT-style block mask (H, W) bool with at most `num_masking_patches` cells set."""
-    return block_mask_boxes(
-        rng, grid_hw, num_masking_patches, min_num_patches, max_num_patches, min_aspect, max_aspect
-    )[0]
+    """Official BEiT-style block mask (H, W) bool with at most `num_masking_patches` cells set; `options` are
+    `block_mask_boxes`' size and aspect bounds."""
+    return block_mask_boxes(rng, grid_hw, num_masking_patches, **options)[0]
 
 
 def mask_ratio_edges(mask_ratio: tuple[float, float], n_masked_images: int) -> np.ndarray:
