@@ -1,6 +1,6 @@
 r"""The main job end to end on the bundled sample data (tiny model, CPU), as a smoke run.
 
-  python -m chexfound_jax.run_sample --workdir=/tmp/chexfound_sample
+  python -m chexfound_jax.run_sample --workdir=/tmp/chexfound_sample [--overwrite]
 
 Stages: import a PyTorch CheXFound teacher checkpoint (the bundled tiny one, produced by the official
 code) into JAX weights; embed the bundled chest X-rays with it; export the weights back to the
@@ -28,10 +28,28 @@ from chexfound_jax.models.build import model_from_params
 SAMPLE_DATA = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data"
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; must not hold a previous run).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs of a previous sample run in --workdir.")
 _DATA = flags.DEFINE_string("data_dir", str(SAMPLE_DATA), "Bundled sample data (the repository's tests/data).")
 
 PRETRAIN_STEPS = 24
+# What a run writes under --workdir: all that --overwrite removes, and nothing else.
+OUTPUTS = ("weights", "features.npz", "teacher_checkpoint.pth", "shards", "pretrain", "evaluate")
 TINY_NUM_HEADS = 4  # the bundled tiny backbone has 16-d heads, not DINOv2's 64-d
+
+
+def prepare_workdir(workdir: epath.Path, overwrite: bool = False) -> None:
+    """Create `workdir`; refuse one holding a previous run's outputs before any work starts (a later stage
+    would otherwise stop on them, or resume from them), or remove exactly those outputs with `overwrite`."""
+    present = [name for name in OUTPUTS if (workdir / name).exists()]
+    if present and not overwrite:
+        raise FileExistsError(
+            f"{workdir} holds a previous sample run ({', '.join(present)}): pass --overwrite to replace it, "
+            "or another --workdir"
+        )
+    for name in present:
+        path = workdir / name
+        path.rmtree() if path.is_dir() else path.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
 
 
 def run(workdir: epath.Path, data_dir: pathlib.Path) -> dict[str, np.ndarray]:
@@ -125,7 +143,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     workdir = epath.Path(_WORKDIR.value)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        prepare_workdir(workdir, _OVERWRITE.value)
+    except FileExistsError as e:
+        raise SystemExit(f"run_sample: {e}") from None
     features = run(workdir, pathlib.Path(_DATA.value))
     print(
         f"embedded {len(features['paths'])} images: cls_token {features['cls_token'].shape}, "

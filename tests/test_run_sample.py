@@ -1,6 +1,7 @@
 """The README's main job on the bundled sample data."""
 
 import numpy as np
+import pytest
 from etils import epath
 from helpers import DATA, golden
 
@@ -40,3 +41,16 @@ def test_pretrain_chain_exports_a_teacher_that_embeds_and_evaluates(tmp_path):
     assert 0.0 <= results["macro"]["auroc"] <= 1.0
     for name in ("head/classifier_config.json", "test/results.json", "test/report.md", "test/predictions.csv"):
         assert (tmp_path / "evaluate" / name).exists(), name
+
+
+def test_a_previous_run_is_refused_up_front_or_replaced_with_overwrite(tmp_path):
+    workdir = epath.Path(tmp_path)
+    run_sample.prepare_workdir(workdir)  # empty: fine
+    (tmp_path / "weights" / "params").mkdir(parents=True)
+    (tmp_path / "features.npz").write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    with pytest.raises(FileExistsError, match=r"previous sample run \(weights, features.npz\).*--overwrite"):
+        run_sample.prepare_workdir(workdir)
+    assert (tmp_path / "features.npz").read_bytes() == b"old"  # nothing removed without --overwrite
+    run_sample.prepare_workdir(workdir, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the run's own outputs go
