@@ -27,7 +27,7 @@ from chexfound_jax.models.build import model_from_params
 
 SAMPLE_DATA = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data"
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; must not hold a previous run).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; one holding a previous run needs --overwrite.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs of a previous sample run in --workdir.")
 _DATA = flags.DEFINE_string("data_dir", str(SAMPLE_DATA), "Bundled sample data (the repository's tests/data).")
 
