@@ -36,5 +36,7 @@ setup(
         "torch": ["torch>=2.4", "safetensors>=0.4,<1"],
         "test": ["pytest>=8,<10", "ruff>=0.15,<1", "timm>=1.0.20,<2", "scikit-learn>=1.4,<2"],
         "beam": ["apache-beam>=2.60,<3"],
+        # libtpu for the installed jax: deviceless TPU compilation (compile_check) and TPU runs.
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
     },
 )

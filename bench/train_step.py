@@ -5,8 +5,10 @@ ahead of time (the compile time is printed), runs --warmup steps, then times --s
 waited on with block_until_ready on its metrics; the median is reported. Batches are random normal
 crops with real iBOT masks (data.collate), placed on the devices before timing, so the figures are
 the step alone, not the input pipeline. TFLOP/s uses the analytic model FLOPs of
-chexfound_jax.train.flops (the numerator of MFU), not XLA's count; MFU divides the per-device
-TFLOP/s by --peak_tflops, by default the bf16 dense peak of a known accelerator (none for CPUs).
+chexfound_jax.train.flops (the numerator of MFU), not XLA's count, side by side: executed (what
+the step runs: subset drop path skips student rows; the MFU that counts) and nominal (every row
+through every block). MFU divides the per-device TFLOP/s by --peak_tflops, by default the bf16
+dense peak of chexfound_jax.hardware for the device kind (none for CPUs).
 
 --memory_only compiles the step for abstract inputs (jax.ShapeDtypeStruct with their shardings:
 the state from jax.eval_shape of its init, the batch from recipe.batch_spec) and prints XLA's
@@ -35,6 +37,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from chexfound_jax import hardware
+from chexfound_jax.compile_check import compile_abstract, memory_figures
 from chexfound_jax.data.collate import synthetic_batch
 from chexfound_jax.models.vit import count_params
 from chexfound_jax.parallel import mesh as mesh_lib
@@ -59,78 +63,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for MFU; default by device kind.")
 _MEMORY_ONLY = flags.DEFINE_bool("memory_only", False, "Compile for abstract inputs and print memory; no run.")
 
-# Dense bf16 peak TFLOP/s per device, matched as substrings of device_kind in this order (the more
-# specific names first: "TPU v5 lite" is v5e, "TPU v5" alone is v5p; an H100 PCIe is slower).
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("TPU v4", 275.0),
-    ("TPU v5 lite", 197.0),
-    ("TPU v5e", 197.0),
-    ("TPU v5p", 459.0),
-    ("TPU v5", 459.0),
-    ("TPU v6 lite", 918.0),
-    ("TPU v6e", 918.0),
-)
-
 GIB = 1024**3
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """'data=2,fsdp=4' -> {"data": 2, "fsdp": 4}; one size may be -1 (the remaining devices)."""
-    usage = f"--mesh wants comma-separated axis=size pairs with axes from {mesh_lib.MESH_AXES}, e.g. 'data=2,fsdp=4'"
-    axes: dict[str, int] = {}
-    for item in text.split(","):
-        name, sep, size = (part.strip() for part in item.partition("="))
-        if not sep or name not in mesh_lib.MESH_AXES or name in axes:
-            raise ValueError(f"{usage}; got {text!r} (bad or repeated item {item!r})")
-        try:
-            axes[name] = int(size)
-        except ValueError:
-            raise ValueError(f"{usage}; got {text!r} (size {size!r} is not an integer)") from None
-        if axes[name] < 1 and axes[name] != -1:
-            raise ValueError(f"{usage}; got {text!r} (size {axes[name]} must be positive or -1)")
-    return axes
-
-
-def default_peak_tflops(device_kind: str) -> float | None:
-    """The table's peak for this device kind, or None (CPUs, unknown chips: MFU is not printed)."""
-    return next((peak for name, peak in PEAK_TFLOPS if name.lower() in device_kind.lower()), None)
-
-
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def memory_figures(compiled: jax.stages.Compiled) -> dict[str, int]:
-    """XLA's per-device buffer sizes in bytes; peak = argument + output + temp - alias (donated state)."""
-    m = compiled.memory_analysis()
-    figures = {
-        "argument": m.argument_size_in_bytes,
-        "output": m.output_size_in_bytes,
-        "temp": m.temp_size_in_bytes,
-        "generated_code": m.generated_code_size_in_bytes,
-        "alias": m.alias_size_in_bytes,
-    }
-    figures["peak"] = figures["argument"] + figures["output"] + figures["temp"] - figures["alias"]
-    return figures
-
-
-def compile_abstract(
-    training: Training, compiler_options: dict[str, Any] | None = None
-) -> tuple[dict[str, int], float]:
-    """(memory figures, compile seconds) of the step for abstract sharded inputs.
-
-    Allocates nothing, so it sizes a batch for memory one does not have. `compiler_options` go to
-    XLA; {"xla_backend_optimization_level": 0} halves a CPU compile (LLVM only, same buffers).
-    """
-    state = _with_shardings(training.abstract_state, training.state_shardings)
-    batch = _with_shardings(training.batch_spec, training.batch_shardings)
-    t0 = time.perf_counter()
-    compiled = training.step.lower(state, batch).compile(compiler_options)
-    return memory_figures(compiled), time.perf_counter() - t0
 
 
 def _print_memory(figures: dict[str, int]) -> None:
@@ -139,6 +72,17 @@ def _print_memory(figures: dict[str, int]) -> None:
         + ", ".join(f"{k} {v / GIB:.4f} GiB" for k, v in figures.items() if k != "peak")
     )
     print(f"peak (argument + output + temp - alias): {figures['peak'] / GIB:.4f} GiB per device")
+
+
+def throughput_lines(flops: dict[str, float], images_per_s: float, num_devices: int, peak: float | None) -> str:
+    """Per-device TFLOP/s and MFU (of `peak` FLOP/s, if known) of the executed and nominal counts, side by side."""
+    executed = flops["executed_total"] * images_per_s / num_devices
+    nominal = flops["total"] * images_per_s / num_devices
+    lines = [f"TFLOP/s per device: executed {executed / 1e12:.4g}, nominal {nominal / 1e12:.4g}"]
+    if peak:
+        mfu, mfu_nominal = 100 * executed / peak, 100 * nominal / peak
+        lines.append(f"MFU: executed {mfu:.1f}%, nominal {mfu_nominal:.1f}% of {peak / 1e12:g} TFLOP/s")
+    return "\n".join(lines)
 
 
 def _summary(cfg: Any, training: Training, mesh_axes: dict[str, int], rules_name: str) -> str:
@@ -160,7 +104,7 @@ def main(argv):
     if _ATTN.value:
         cfg.model.attention_impl = _ATTN.value
     try:
-        mesh_axes = parse_mesh(_MESH.value) if _MESH.value else dict(cfg.parallel.mesh)
+        mesh_axes = mesh_lib.parse_mesh(_MESH.value) if _MESH.value else dict(cfg.parallel.mesh)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     rules_name = _RULES.value or cfg.parallel.rules
@@ -172,9 +116,9 @@ def main(argv):
     print(_summary(cfg, training, mesh_axes, rules_name))
     print(f"params: {count_params(training.abstract_state.student) / 1e6:.1f} M (student)")
     if _MEMORY_ONLY.value:
-        figures, compile_s = compile_abstract(training)
+        compiled, compile_s = compile_abstract(training)
         print(f"compile (abstract inputs, nothing allocated): {compile_s:.1f} s")
-        _print_memory(figures)
+        _print_memory(memory_figures(compiled))
         return
 
     t0 = time.perf_counter()
@@ -202,20 +146,22 @@ def main(argv):
         times.append(time.perf_counter() - t0)
 
     step_s = statistics.median(times)
-    flops = flops_lib.train_flops_per_image(cfg)["total"]
+    groups = training.batch_spec["global_crops"].shape[0]
+    flops = flops_lib.train_flops_per_image(cfg, cfg.train.global_batch_size // groups)
     images_per_s = cfg.train.global_batch_size / step_s
-    tflops = flops * images_per_s / training.mesh.size / 1e12
-    peak = _PEAK.value or default_peak_tflops(device.device_kind)
-    print(f"model FLOPs per image: {flops / 1e9:.2f} GFLOP (teacher fwd, student fwd + bwd, heads)")
+    peak = hardware.peak_flops(device.device_kind, _PEAK.value * 1e12 if _PEAK.value else None)
+    executed, nominal = flops["executed_total"], flops["total"]
+    print(
+        f"model FLOPs per image (teacher fwd, student fwd + bwd, heads): executed {executed / 1e9:.4g} GFLOP,"
+        f" nominal {nominal / 1e9:.4g} GFLOP (nominal / executed {nominal / executed:.3f})"
+    )
     print(
         f"step time: median {step_s * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms"
         f" over {len(times)} steps (loss {float(metrics['total_loss']):.4f})"
     )
     print(f"steps/s: {1 / step_s:.3f}")
     print(f"images/s (global): {images_per_s:.2f}")
-    print(f"TFLOP/s per device: {tflops:.4g}")
-    if peak:
-        print(f"MFU: {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s")
+    print(throughput_lines(flops, images_per_s, training.mesh.size, peak))
 
 
 if __name__ == "__main__":

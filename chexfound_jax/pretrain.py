@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import signal
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from chexfound_jax import hardware
 from chexfound_jax.data import pipeline
 from chexfound_jax.models import ModelConfig, weights
 from chexfound_jax.models.vit import ViTConfig
@@ -268,12 +268,12 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
     preemption = Preemption()
     preemption.install()
     images = cfg.train.global_batch_size
-    flops_per_image = flops.train_flops_per_image(cfg)["total"]
-    peak = metrics.peak_flops(devices[0].device_kind, cfg.train.peak_flops or None)
+    # MFU counts the FLOPs the step executes (subset drop path skips rows); the nominal count is logged beside it.
+    step_flops = flops.train_flops_per_image(cfg, images // groups)
+    peak = hardware.peak_flops(devices[0].device_kind, cfg.train.peak_flops or None)
     progress = metrics.Progress(total_steps, start, images_per_step=images)
     last: dict[str, Any] = {}
     skipped_total = 0
-    last_time = time.perf_counter()
     step = start
     try:
         while step < total_steps:
@@ -291,6 +291,11 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
             skipped_total += int(np.sum(local["skipped"]))
             stop = preemption.requested  # read once: a signal arriving later is handled after the next step
             log_now = step % cfg.train.log_every == 0 or step == total_steps or stop
+            if step == start + 1 and not log_now:
+                # The run's first step compiled the step function: its end is the timing baseline, so no
+                # throughput window includes the compilation (at a log point the log's tick is the baseline).
+                jax.block_until_ready(m)
+                progress.tick(step)
             save_now = ckpt.should_save(step) or step == total_steps or stop
             if log_now or save_now or cfg.train.on_nonfinite == "stop":
                 values = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -302,14 +307,21 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
                         f"{values['grad_norm']}); last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
                     )
                 if log_now:
-                    now = time.perf_counter()
-                    dt = (now - last_time) / max(1, step - (last.get("step", start)))
-                    last_time = now
+                    line = progress.tick(step)
                     values |= {"skipped_records": skipped_total}
-                    values |= metrics.throughput_metrics(images, flops_per_image, dt, len(devices), peak)
+                    step_time = progress.interval_step_time_s  # None at the baseline tick: no rate yet
+                    if step_time:
+                        values |= metrics.throughput_metrics(
+                            images,
+                            step_flops["executed_total"],
+                            step_time,
+                            len(devices),
+                            peak,
+                            nominal_flops_per_image=step_flops["total"],
+                        )
                     writer.write_scalars(step, values)
                     if lead:
-                        logging.info("%s | loss %.4f", progress.tick(step), values["total_loss"])
+                        logging.info("%s | loss %.4f", line, values["total_loss"])
                     last = {"step": step, **values}
             if save_now:
                 ckpt.save(step, state, it.get_state(), cfg.to_dict(), force=True)

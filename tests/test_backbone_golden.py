@@ -48,9 +48,10 @@ def test_intermediate_layers_match_official(backbone, gold, case):
     for i, (patch, cls) in enumerate(layers):
         np.testing.assert_allclose(patch, gold[f"{case}_inter_patch"][i], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(cls, gold[f"{case}_inter_cls"][i], rtol=1e-5, atol=1e-5)
-    # The deepest entry is the forward_features output (shared final norm).
+    # The deepest entry is the forward_features output (shared final norm); one runs the blocks as a
+    # scan, the other one by one, so they agree to float32 rounding, not bit for bit.
     out = backbone.forward_features(_nhwc(gold[f"{case}_input"]))
-    np.testing.assert_allclose(layers[-1][0], out["x_norm_patchtokens"], atol=1e-6)
+    np.testing.assert_allclose(layers[-1][0], out["x_norm_patchtokens"], atol=1e-5)
 
 
 def test_mask_token_substitution_matches_official(backbone, gold):

@@ -1,9 +1,11 @@
-"""bench/train_step.py: the compile-only memory path on the tiny config, and the --mesh parser."""
+"""bench/train_step.py: the compile-only memory path on the tiny config (chexfound_jax.compile_check's
+compile_abstract and memory_figures), and its throughput lines. parse_mesh is tested in test_topology.py."""
 
 import jax
-import pytest
 
 from bench import train_step
+from chexfound_jax import compile_check
+from chexfound_jax.parallel import mesh as mesh_lib
 from chexfound_jax.train.setup import build_training
 from configs.pretrain import tiny_cpu
 
@@ -11,17 +13,18 @@ from configs.pretrain import tiny_cpu
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def _memory(remat: bool) -> dict[str, int]:
+def _memory(remat: str) -> dict[str, int]:
     cfg = tiny_cpu.get_config()
     cfg.model.remat = remat
     cfg.train.update(global_batch_size=8, batch_groups=1)
     training = build_training(cfg, {"data": 1}, "data_parallel", devices=jax.devices()[:1])
-    figures, _ = train_step.compile_abstract(training, FAST_COMPILE)
-    return figures
+    compiled, seconds = train_step.compile_abstract(training, FAST_COMPILE)
+    assert seconds > 0
+    return train_step.memory_figures(compiled)
 
 
 def test_memory_only_figures_are_positive_and_remat_does_not_add_temp():
-    plain, remat = _memory(remat=False), _memory(remat=True)
+    plain, remat = _memory(remat="none"), _memory(remat="full")
     for figures in (plain, remat):
         for key in ("argument", "output", "temp", "alias", "peak"):
             assert figures[key] > 0, (key, figures)
@@ -30,13 +33,20 @@ def test_memory_only_figures_are_positive_and_remat_does_not_add_temp():
     assert remat["temp"] <= plain["temp"], (remat, plain)
 
 
-def test_parse_mesh():
-    assert train_step.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4}
-    assert train_step.parse_mesh("data=-1") == {"data": -1}
-    assert train_step.parse_mesh(" data = 1 , tensor=2") == {"data": 1, "tensor": 2}
+def test_uses_the_shared_compile_and_mesh_helpers():
+    assert train_step.compile_abstract is compile_check.compile_abstract
+    assert train_step.memory_figures is compile_check.memory_figures
+    assert not hasattr(train_step, "parse_mesh") and not hasattr(train_step, "_with_shardings")
+    assert train_step.mesh_lib.parse_mesh is mesh_lib.parse_mesh
 
 
-@pytest.mark.parametrize("text", ["", "data", "data=x", "pipeline=2", "data=2,data=2", "data=0", "data=2;fsdp=4"])
-def test_parse_mesh_rejects_garbage(text):
-    with pytest.raises(ValueError, match=r"--mesh wants comma-separated axis=size pairs"):
-        train_step.parse_mesh(text)
+def test_throughput_lines_show_executed_and_nominal():
+    # 100 img/s on 2 devices of 1e14 FLOP/s: executed 1e12 FLOP/image -> 50 TFLOP/s, MFU 50%;
+    # nominal 1.5e12 -> 75 TFLOP/s, 75%.
+    flops = {"executed_total": 1e12, "total": 1.5e12}
+    text = train_step.throughput_lines(flops, 100.0, 2, 1e14)
+    assert text.splitlines() == [
+        "TFLOP/s per device: executed 50, nominal 75",
+        "MFU: executed 50.0%, nominal 75.0% of 100 TFLOP/s",
+    ]
+    assert "MFU" not in train_step.throughput_lines(flops, 100.0, 2, None)

@@ -7,6 +7,7 @@ from flax import nnx
 
 from chexfound_jax.models.flops import dino_head_flops, vit_forward_flops
 from chexfound_jax.models.vit import VisionTransformer, vit_config
+from chexfound_jax.parallel import hlo_stats
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4, patch_size=8, img_size=32)
 
@@ -74,7 +75,17 @@ def _xla_flops(compiled) -> float:
 @pytest.mark.parametrize("ffn_layer", ["swiglufused", "mlp"])
 def test_analytic_is_lower_bound_of_xla(ffn_layer):
     # A wider tiny model than TINY so that the matmuls dominate (64 patches, D = 128).
-    cfg = vit_config("vit_small", embed_dim=128, depth=2, num_heads=4, patch_size=8, img_size=64, ffn_layer=ffn_layer)
+    # cost_analysis() counts a loop body once, so the blocks run unrolled here (scan: the next test).
+    cfg = vit_config(
+        "vit_small",
+        embed_dim=128,
+        depth=2,
+        num_heads=4,
+        patch_size=8,
+        img_size=64,
+        ffn_layer=ffn_layer,
+        scan_layers=False,
+    )
     model = VisionTransformer(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state).forward_features(x))
@@ -84,3 +95,15 @@ def test_analytic_is_lower_bound_of_xla(ffn_layer):
     analytic = vit_forward_flops(cfg, 64)
     # XLA also counts norms, softmax, activations and bias adds, never fewer FLOPs than the matmuls.
     assert analytic <= xla <= 1.3 * analytic, (xla, analytic, xla / analytic)
+
+
+def test_analytic_equals_the_compiled_matmuls_of_the_scanned_blocks():
+    """The HLO count multiplies the scanned block by its trip count: exactly the analytic matmuls."""
+    cfg = vit_config("vit_small", embed_dim=128, depth=3, num_heads=4, patch_size=8, img_size=64)
+    assert cfg.scan_layers
+    graphdef, state = nnx.split(VisionTransformer(cfg, rngs=nnx.Rngs(0)))
+    fwd = jax.jit(lambda state, x: nnx.merge(graphdef, state).forward_features(x))
+    compiled = fwd.lower(state, jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)).compile()
+    stats = hlo_stats.analyse(compiled.as_text(), num_devices=1)
+    assert stats.unknown_trip_counts == 0
+    assert stats.matmul_flops == pytest.approx(2 * vit_forward_flops(cfg, 64), rel=1e-9)

@@ -1,13 +1,27 @@
 """ViT backbone behaviour: full-size shapes (abstractly), stochastic depth, remat, dtypes, config."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from helpers import model_from_params, random_params
+from jax.sharding import NamedSharding, PartitionSpec
 
-from chexfound_jax.models.vit import VisionTransformer, ViTConfig, abstract_vit_params, drop_path_residual, vit_config
+from chexfound_jax.models.vit import (
+    REMAT_POLICIES,
+    VisionTransformer,
+    ViTConfig,
+    abstract_vit_params,
+    drop_path_residual,
+    remat_policy_name,
+    vit_config,
+)
+from chexfound_jax.parallel import activations
+from chexfound_jax.parallel.mesh import create_mesh
+from chexfound_jax.parallel.sharding import DATA_PARALLEL_RULES
 
 TINY = ViTConfig(embed_dim=32, depth=2, num_heads=2, patch_size=8, img_size=32, num_register_tokens=2)
 
@@ -60,6 +74,60 @@ def test_subset_drop_path_updates_exactly_int_keep_rows():
     np.testing.assert_allclose(touched[touched > 0], 10 / 6, rtol=1e-6)  # scaled by B / subset
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_subset_drop_path_keeps_int_keep_rows_in_each_group(seed):
+    rate, groups, rows_per_group = 0.4, 2, 5
+    keep = int(rows_per_group * (1 - rate))  # 3
+    branch_rows = []
+
+    def branch(v):
+        branch_rows.append(v.shape[0])
+        return jnp.ones_like(v)
+
+    x = jnp.zeros((groups * rows_per_group, 3, 4))
+    out = drop_path_residual(x, branch, rate, "subset", jax.random.key(seed), groups=groups)
+    assert branch_rows == [groups * keep]  # the branch runs on the kept rows only
+    touched = np.asarray(out).reshape(groups, rows_per_group, -1)
+    for g in range(groups):  # group g's rows are rows g*5 .. g*5+4 of the batch
+        updated = touched[g].max(axis=1) > 0
+        assert updated.sum() == keep, (g, updated)
+        np.testing.assert_allclose(touched[g][updated], rows_per_group / keep, rtol=1e-6)
+        np.testing.assert_array_equal(touched[g][~updated], 0.0)
+
+
+def test_subset_drop_path_rows_must_split_into_groups():
+    with pytest.raises(ValueError, match="10 rows do not split into 3"):
+        drop_path_residual(jnp.zeros((10, 2)), jnp.tanh, 0.4, "subset", jax.random.key(0), groups=3)
+
+
+def _collectives(hlo: str) -> set[str]:
+    return set(re.findall(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)\b", hlo))
+
+
+def test_subset_drop_path_keeps_each_group_on_its_device():
+    """Batch-sharded over 8 devices, one group per device: drop path needs no collective at all."""
+    mesh = create_mesh({"data": 8})
+    weight = jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32)
+    x = np.random.default_rng(1).standard_normal((32, 5, 8)).astype(np.float32)
+    key = jax.random.key(0)
+    row_sharded = NamedSharding(mesh, PartitionSpec("data"))
+
+    def compiled(groups):
+        fn = lambda x, key: drop_path_residual(x, lambda v: jnp.tanh(v @ weight), 0.4, "subset", key, groups=groups)
+        jitted = jax.jit(fn, in_shardings=(row_sharded, NamedSharding(mesh, PartitionSpec())))
+        with activations.activation_sharding(mesh, DATA_PARALLEL_RULES):
+            return jitted.lower(x, key).compile(), fn
+
+    per_device, fn = compiled(8)
+    hlo = per_device.as_text()
+    assert "all-gather" not in hlo
+    assert not _collectives(hlo), _collectives(hlo)
+    assert per_device.output_shardings.spec == PartitionSpec("data")
+    np.testing.assert_allclose(per_device(jax.device_put(x, row_sharded), key), jax.jit(fn)(x, key), atol=1e-6)
+    # The check can fail: one group over the whole batch picks rows across devices.
+    assert _collectives(compiled(1)[0].as_text())
+
+
 def test_per_sample_drop_path_is_unbiased():
     x = jnp.zeros((4000, 1))
     out = np.asarray(drop_path_residual(x, lambda v: jnp.ones_like(v), 0.4, "per_sample", jax.random.key(1)))
@@ -103,20 +171,68 @@ def test_stochastic_depth_only_in_training(tiny_params):
     np.testing.assert_array_equal(_prenorm(plain, x, jax.random.key(0)), eval_out)
 
 
-def test_remat_gives_the_same_values_and_gradients(tiny_params):
+def _remat_loss(model):
     x = _images()
+    return jnp.sum(model.forward_features(x, rng=jax.random.key(3))["x_norm_clstoken"] ** 2)
 
-    def loss(model):
-        return jnp.sum(model.forward_features(x, rng=jax.random.key(3))["x_norm_clstoken"] ** 2)
 
-    grads = []
-    for remat in (False, True):
-        model = model_from_params(TINY.replace(remat=remat, drop_path_rate=0.4), tiny_params)
-        value, grad = nnx.jit(nnx.value_and_grad(loss))(model)
-        grads.append((value, nnx.state(grad).to_pure_dict()))
-    np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-6)
-    for g0, g1 in zip(jax.tree.leaves(grads[0][1]), jax.tree.leaves(grads[1][1])):
-        np.testing.assert_allclose(g0, g1, rtol=1e-5, atol=1e-6)
+def _remat_model(remat, params):
+    return model_from_params(TINY.replace(remat=remat, drop_path_rate=0.4), params)
+
+
+@pytest.fixture(scope="module")
+def remat_results(tiny_params):
+    """(value, gradients) of every remat policy, compiled as one program; offload left out (and the
+    error kept as the reason) where the platform has no pinned_host memory to offload to."""
+
+    def run(policies):
+        models = [_remat_model(p, tiny_params) for p in policies]
+        outs = nnx.jit(lambda ms: [nnx.value_and_grad(_remat_loss)(m) for m in ms])(models)
+        return {p: (v, nnx.state(g).to_pure_dict()) for p, (v, g) in zip(policies, outs)}
+
+    try:
+        return run(REMAT_POLICIES), None
+    except Exception as e:
+        if not re.search(r"pinned_host|memory (kind|space)", str(e), re.IGNORECASE):
+            raise
+        return run(tuple(p for p in REMAT_POLICIES if p != "offload")), f"offload: {type(e).__name__}: {e}"
+
+
+@pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
+def test_remat_policies_give_the_same_values_and_gradients(remat_results, policy):
+    results, offload_error = remat_results
+    if policy not in results:
+        pytest.skip(f"remat={policy!r} does not run on {jax.default_backend()}: {offload_error}")
+    (want_value, want_grads), (value, grads) = results["none"], results[policy]
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    assert len(jax.tree.leaves(grads)) == len(jax.tree.leaves(want_grads))
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def _grad_jaxpr(remat, params):
+    graphdef, state = nnx.split(_remat_model(remat, params))
+    return str(jax.make_jaxpr(jax.grad(lambda s: _remat_loss(nnx.merge(graphdef, s))))(state))
+
+
+@pytest.fixture(scope="module")
+def remat_jaxprs(tiny_params):
+    return {p: _grad_jaxpr(p, tiny_params) for p in REMAT_POLICIES}
+
+
+def test_remat_policies_reach_the_traced_program(remat_jaxprs):
+    """Equal numbers above must come from different programs: each policy shows in the jaxpr."""
+    jaxprs = remat_jaxprs
+    assert "remat" not in jaxprs["none"]
+    assert all("remat" in jaxprs[p] for p in ("full", "dots", "offload"))
+    assert len(set(jaxprs.values())) == len(REMAT_POLICIES)
+    assert "MemorySpace.Host" in jaxprs["offload"] and "MemorySpace.Host" not in jaxprs["dots"]
+
+
+def test_remat_bools_are_full_and_none(tiny_params, remat_jaxprs):
+    assert remat_policy_name(True) == "full" and remat_policy_name(False) == "none"
+    assert _grad_jaxpr(True, tiny_params) == remat_jaxprs["full"]
+    assert _grad_jaxpr(False, tiny_params) == remat_jaxprs["none"]
 
 
 def test_bfloat16_compute_keeps_float32_params(tiny_params):
@@ -152,6 +268,7 @@ def test_registers_receive_no_position_embedding(tiny_params):
         (dict(ffn_layer="swiglu"), "ffn_layer"),
         (dict(drop_path_mode="batch"), "drop_path_mode"),
         (dict(interpolate_offset=1.5), "interpolate_offset"),
+        (dict(remat="bogus"), "'bogus'"),
     ],
 )
 def test_config_errors(bad, match):

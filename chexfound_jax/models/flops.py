@@ -35,13 +35,20 @@ import itertools
 from chexfound_jax.models.vit import ViTConfig
 
 
-def vit_forward_flops(cfg: ViTConfig, height: int, width: int | None = None) -> int:
-    """Matmul FLOPs of `VisionTransformer.forward_features` on one height x width image."""
+def _patches(cfg: ViTConfig, height: int, width: int | None) -> int:
     width = height if width is None else width
-    p, d = cfg.patch_size, cfg.embed_dim
-    n = (height // p) * (width // p)  # PatchEmbed crops a ragged border
-    t = 1 + cfg.num_register_tokens + n
-    patch_embed = 2 * n * (p * p * cfg.in_chans) * d
+    return (height // cfg.patch_size) * (width // cfg.patch_size)  # PatchEmbed crops a ragged border
+
+
+def patch_embed_flops(cfg: ViTConfig, height: int, width: int | None = None) -> int:
+    """Matmul FLOPs of the patch embedding of one height x width image."""
+    return 2 * _patches(cfg, height, width) * (cfg.patch_size**2 * cfg.in_chans) * cfg.embed_dim
+
+
+def vit_block_flops(cfg: ViTConfig, height: int, width: int | None = None) -> int:
+    """Matmul FLOPs of one transformer block (attention and FFN branches) on one height x width image's tokens."""
+    d = cfg.embed_dim
+    t = 1 + cfg.num_register_tokens + _patches(cfg, height, width)
     qkv = 2 * t * d * 3 * d
     scores = 2 * t * t * d
     values = 2 * t * t * d
@@ -51,7 +58,13 @@ def vit_forward_flops(cfg: ViTConfig, height: int, width: int | None = None) -> 
         ffn = 2 * t * d * 2 * h + 2 * t * h * d
     else:
         ffn = 2 * t * d * h * 2
-    return patch_embed + cfg.depth * (qkv + scores + values + proj + ffn)
+    return qkv + scores + values + proj + ffn
+
+
+def vit_forward_flops(cfg: ViTConfig, height: int, width: int | None = None) -> int:
+    """Matmul FLOPs of `VisionTransformer.forward_features` on one height x width image:
+    patch_embed_flops + depth * vit_block_flops."""
+    return patch_embed_flops(cfg, height, width) + cfg.depth * vit_block_flops(cfg, height, width)
 
 
 def dino_head_flops(in_dim: int, hidden: int, bottleneck: int, prototypes: int, nlayers: int = 3) -> int:

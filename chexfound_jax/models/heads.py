@@ -44,10 +44,13 @@ class WeightNormLinear(nnx.Module):
         )
         self.g = layers.param(rngs, nnx.initializers.ones, (out_dim,), ("prototypes",))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def weight(self) -> jax.Array:
+        """The effective (in, out) float32 matrix g * v / ||v||."""
         v = self.v[...].astype(jnp.float32)
-        w = v * (self.g[...] / jnp.linalg.norm(v, axis=0))
-        return jnp.dot(x.astype(jnp.float32), w)
+        return v * (self.g[...] / jnp.linalg.norm(v, axis=0))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(jnp.float32), self.weight())
 
 
 class DINOHead(nnx.Module):
@@ -64,14 +67,17 @@ class DINOHead(nnx.Module):
         )
         self.last_layer = WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def bottleneck(self, x: jax.Array) -> jax.Array:
+        """The L2-normalised float32 bottleneck features the prototype layer reads."""
         for i, layer in enumerate(self.mlp):
             x = layer(x)
             if i < len(self.mlp) - 1:
                 x = jax.nn.gelu(x, approximate=False)
         x = x.astype(jnp.float32)
-        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        return self.last_layer(x)
+        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.last_layer(self.bottleneck(x))
 
 
 def abstract_head_params(cfg: HeadConfig) -> dict:

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from chexfound_jax.models import layers
+from chexfound_jax.models import attention, layers
 from chexfound_jax.models.pos_embed import interpolate_pos_embed
+from chexfound_jax.parallel import activations
 
 ARCHS: dict[str, dict[str, Any]] = {
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
@@ -27,6 +28,30 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 FFN_LAYERS = ("swiglufused", "mlp")
 DROP_PATH_MODES = ("subset", "per_sample")
+# What the backward pass keeps of a block's forward (the rest is recomputed): "none" keeps everything;
+# "full" keeps only the block input (recomputes the whole forward, about +33% of a step's FLOPs);
+# "dots" keeps the outputs of the weight matmuls (qkv, proj, FFN) and recomputes norms, activations
+# and attention (a few % of FLOPs); "offload" is "dots" with the saved outputs in host memory.
+REMAT_POLICIES = ("none", "full", "dots", "offload")
+
+
+def remat_policy_name(remat: bool | str) -> str:
+    """The policy name of a config value; True/False are the old "full"/"none"."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r} is not one of {REMAT_POLICIES} (or a bool)")
+    return remat
+
+
+def checkpoint_policy(remat: bool | str) -> Callable[..., bool] | None:
+    """The jax.checkpoint policy of a remat setting; None for "full" (save nothing but the input)."""
+    name = remat_policy_name(remat)
+    if name == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if name == "offload":
+        return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +77,9 @@ class ViTConfig:
     drop_path_rate: float = 0.0
     drop_path_mode: str = "subset"
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    attention_impl: str | None = None  # jax.nn.dot_product_attention: None, "xla" or "cudnn"
-    remat: bool = False
+    attention_impl: str | None = None  # None / "xla" (reference), "cudnn" (GPU) or "splash" (TPU Pallas)
+    remat: bool | str = False  # a REMAT_POLICIES name; True / False are "full" / "none"
+    scan_layers: bool = True  # blocks as one lax.scan: the step compiles one block instead of `depth`
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads:
@@ -64,6 +90,9 @@ class ViTConfig:
             raise ValueError(f"drop_path_mode {self.drop_path_mode!r} is not one of {DROP_PATH_MODES}")
         if not 0.0 <= self.interpolate_offset < 1.0:
             raise ValueError(f"interpolate_offset {self.interpolate_offset} must be in [0, 1)")
+        if self.attention_impl not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {attention.IMPLEMENTATIONS}")
+        remat_policy_name(self.remat)
 
     @property
     def grid_size(self) -> int:
@@ -144,7 +173,7 @@ class Attention(nnx.Module):
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = attention.dot_product_attention(q, k, v, self.implementation)
         return self.proj(out.reshape(b, t, d))
 
 
@@ -174,21 +203,37 @@ class SwiGLU(nnx.Module):
 
 
 def drop_path_residual(
-    x: jax.Array, branch: Callable[[jax.Array], jax.Array], rate: float, mode: str, key: jax.Array
+    x: jax.Array,
+    branch: Callable[[jax.Array], jax.Array],
+    rate: float,
+    mode: str,
+    key: jax.Array,
+    groups: int = 1,
 ) -> jax.Array:
     """x + branch(x) under stochastic depth, in DINOv2's batch-subset form or per sample.
 
-    subset (spec 1.3, used by DINOv2 when rate > 0.1): the branch runs on a random subset of
-    int(B * (1 - rate)) samples only, and is added back to those rows scaled by B / subset. It
-    saves the compute of the dropped rows. per_sample: Bernoulli(1 - rate) per sample, / (1 - rate).
+    subset (spec 1.3, used by DINOv2 when rate > 0.1): in each of the `groups` consecutive row groups
+    (an official per-GPU batch) the branch runs on a random subset of int(rows * (1 - rate)) rows
+    only, and is added back to those rows scaled by rows / subset. It saves the compute of the
+    dropped rows, and keeps every row on the device of its group. per_sample: Bernoulli(1 - rate)
+    per sample, / (1 - rate).
     """
     batch = x.shape[0]
     keep_prob = 1.0 - rate
     if mode == "subset" and rate > 0.1:
-        keep = max(int(batch * keep_prob), 1)
-        rows = jax.random.permutation(key, batch)[:keep]
-        residual = branch(x[rows]) * (batch / keep)
-        return x.at[rows].add(residual.astype(x.dtype))
+        if batch % groups:
+            raise ValueError(f"{batch} rows do not split into {groups} drop-path groups")
+        rows_per_group = batch // groups
+        keep = max(int(rows_per_group * keep_prob), 1)
+        grouped = activations.constrain_batch(x.reshape(groups, rows_per_group, *x.shape[1:]))
+        keys = jax.random.split(key, groups)
+        rows = jax.vmap(lambda k: jax.random.permutation(k, rows_per_group)[:keep])(keys)  # (G, keep)
+        index = rows.reshape(groups, keep, *([1] * (x.ndim - 1)))
+        subset = jnp.take_along_axis(grouped, index, axis=1)
+        residual = branch(subset.reshape(groups * keep, *x.shape[1:])) * (rows_per_group / keep)
+        residual = residual.astype(x.dtype).reshape(groups, keep, *x.shape[1:])
+        out = jax.vmap(lambda g, r, y: g.at[r].add(y))(grouped, rows, residual)
+        return activations.constrain_batch(out.reshape(x.shape))
     mask = jax.random.bernoulli(key, keep_prob, (batch,) + (1,) * (x.ndim - 1))
     return x + branch(x) * (mask / keep_prob).astype(x.dtype)
 
@@ -218,21 +263,27 @@ class Block(nnx.Module):
         y = self.mlp(self.norm2(x))
         return y if self.ls2 is None else self.ls2(y)
 
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        """rng given: training with stochastic depth; None: deterministic (eval, teacher)."""
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None, groups: int = 1) -> jax.Array:
+        """rng given: training with stochastic depth over `groups` row groups; None: deterministic."""
+        x = activations.constrain_batch(x)
         if rng is None or self.drop_path_rate == 0.0:
             x = x + self._attn_branch(x)
             return x + self._ffn_branch(x)
         k_attn, k_ffn = jax.random.split(rng)
-        x = drop_path_residual(x, self._attn_branch, self.drop_path_rate, self.drop_path_mode, k_attn)
-        return drop_path_residual(x, self._ffn_branch, self.drop_path_rate, self.drop_path_mode, k_ffn)
+        rate, mode = self.drop_path_rate, self.drop_path_mode
+        x = drop_path_residual(x, self._attn_branch, rate, mode, k_attn, groups)
+        return drop_path_residual(x, self._ffn_branch, rate, mode, k_ffn, groups)
 
 
-def _call_block(block: Block, x: jax.Array, rng: jax.Array | None) -> jax.Array:
-    return block(x, rng)
+def _block_fn(remat: bool | str, groups: int) -> Callable:
+    """(graphdef, block state, x, key) -> x, checkpointed by the remat policy."""
 
+    def apply(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        return nnx.merge(graphdef, state)(x, key, groups)
 
-_call_block_remat = nnx.remat(_call_block)
+    if remat_policy_name(remat) == "none":
+        return apply
+    return jax.checkpoint(apply, policy=checkpoint_policy(remat), static_argnums=(0,))
 
 
 class VisionTransformer(nnx.Module):
@@ -277,14 +328,33 @@ class VisionTransformer(nnx.Module):
         return tokens
 
     def run_blocks(
-        self, x: jax.Array, rng: jax.Array | None = None, collect: tuple[int, ...] = ()
+        self,
+        x: jax.Array,
+        rng: jax.Array | None = None,
+        collect: tuple[int, ...] = (),
+        groups: int = 1,
     ) -> tuple[jax.Array, list[jax.Array]]:
-        """Runs every block; returns the last output and the outputs of blocks in `collect`."""
-        keys = [None] * len(self.blocks) if rng is None else list(jax.random.split(rng, len(self.blocks)))
-        call = _call_block_remat if self.config.remat else _call_block
+        """Runs every block; returns the last output and the outputs of blocks in `collect`.
+
+        With `scan_layers` the blocks before the first collected one run as one lax.scan over their
+        stacked parameters (stacked here, so the stored layout stays one subtree per block); the
+        others, and all of them without `scan_layers`, run one by one.
+        """
+        depth = len(self.blocks)
+        keys = [None] * depth if rng is None else list(jax.random.split(rng, depth))
+        apply = _block_fn(self.config.remat, groups)
+        graphdef = nnx.graphdef(self.blocks[0])
+        states = [nnx.state(block) for block in self.blocks]
+        start = 0
+        if self.config.scan_layers:
+            start = min(collect, default=depth)
+            if start > 1:
+                x = _scan_blocks(apply, graphdef, states[:start], x, keys[:start])
+            else:
+                start = 0
         collected = []
-        for i, (block, key) in enumerate(zip(self.blocks, keys)):
-            x = call(block, x, key)
+        for i in range(start, depth):
+            x = apply(graphdef, states[i], x, keys[i])
             if i in collect:
                 collected.append(x)
         return x, collected
@@ -294,10 +364,11 @@ class VisionTransformer(nnx.Module):
         return x_norm[:, 0], x_norm[:, 1:r], x_norm[:, r:]
 
     def forward_features(
-        self, x: jax.Array, masks: jax.Array | None = None, *, rng: jax.Array | None = None
+        self, x: jax.Array, masks: jax.Array | None = None, *, rng: jax.Array | None = None, groups: int = 1
     ) -> dict[str, jax.Array]:
-        """The dict of DINOv2's forward_features. `rng` enables stochastic depth (training)."""
-        x_prenorm, _ = self.run_blocks(self.prepare_tokens(x, masks), rng)
+        """The dict of DINOv2's forward_features. `rng` enables stochastic depth (training) over
+        `groups` consecutive row groups (official per-GPU batches)."""
+        x_prenorm, _ = self.run_blocks(self.prepare_tokens(x, masks), rng, groups=groups)
         cls, regs, patches = self._split_tokens(self.norm(x_prenorm))
         out = {
             "x_norm_clstoken": cls,
@@ -335,6 +406,21 @@ class VisionTransformer(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """The normalised class token, what DINOv2's forward returns at inference."""
         return self.forward_features(x)["x_norm_clstoken"]
+
+
+def _scan_blocks(
+    apply: Callable, graphdef: nnx.GraphDef, states: list[nnx.State], x: jax.Array, keys: list[jax.Array | None]
+) -> jax.Array:
+    """x through the blocks of `states` as one scan; the per-block keys ride along as scanned inputs."""
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    xs = (stacked, None if keys[0] is None else jnp.stack(keys))
+
+    def body(carry: jax.Array, inputs: tuple) -> tuple[jax.Array, None]:
+        state, key = inputs
+        return apply(graphdef, state, carry, key), None
+
+    x, _ = jax.lax.scan(body, x, xs)
+    return x
 
 
 def init_vit(cfg: ViTConfig, seed: int = 0) -> VisionTransformer:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -39,4 +40,34 @@ def create_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = 
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(axes, len(devices))
     names = tuple(shape)
-    return jax.make_mesh(tuple(shape.values()), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+    types = (AxisType.Auto,) * len(names)
+    slices = {getattr(d, "slice_index", 0) or 0 for d in devices}
+    if len(slices) > 1:
+        # Several slices joined by DCN: devices slice by slice, so the outer axis (data) crosses DCN and
+        # the inner ones stay on each slice's ICI. The outer axis must therefore split into the slices.
+        outer = next(iter(shape.values()))
+        if outer % len(slices):
+            raise ValueError(
+                f"mesh {shape} on {len(slices)} slices: its first axis ({names[0]}) must be a multiple of the"
+                " slice count, so only that axis crosses the data-center network"
+            )
+        ordered = sorted(devices, key=lambda d: (getattr(d, "slice_index", 0) or 0, d.id))
+        return Mesh(np.array(ordered).reshape(tuple(shape.values())), names, axis_types=types)
+    return jax.make_mesh(tuple(shape.values()), names, axis_types=types, devices=devices)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=2,fsdp=4' -> {"data": 2, "fsdp": 4}; one size may be -1 (the remaining devices)."""
+    usage = f"a mesh is comma-separated axis=size pairs with axes from {MESH_AXES}, e.g. 'data=2,fsdp=4'"
+    axes: dict[str, int] = {}
+    for item in text.split(","):
+        name, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or name not in MESH_AXES or name in axes:
+            raise ValueError(f"{usage}; got {text!r} (bad or repeated item {item!r})")
+        try:
+            axes[name] = int(size)
+        except ValueError:
+            raise ValueError(f"{usage}; got {text!r} (size {size!r} is not an integer)") from None
+        if axes[name] < 1 and axes[name] != -1:
+            raise ValueError(f"{usage}; got {text!r} (size {axes[name]} must be positive or -1)")
+    return axes

@@ -12,12 +12,16 @@ rewrite the object at each flush (what TensorFlow's own GCS file system does); t
 interval is longer there (REMOTE_FLUSH_SECS) to bound the rewrites. Metric files stay small (tens of
 MB for a full run), so this is simpler than rotating files and cheap enough.
 
-Example (per log interval, once `progress.step_time_s` is known, i.e. after two ticks; the override
-is a config value in FLOP/s, its name up to the training loop):
+Example (per log interval; the first tick, after the run's first step, is the baseline, so the
+compilation never enters a window; the override is a config value in FLOP/s):
 
-    peak = peak_flops(jax.devices()[0].device_kind, peak_override)
-    flops = train_flops.train_flops_per_image(cfg)["total"]  # chexfound_jax.train.flops
-    scalars.update(throughput_metrics(batch_size, flops, progress.step_time_s, jax.device_count(), peak))
+    peak = hardware.peak_flops(jax.devices()[0].device_kind, peak_override)  # chexfound_jax.hardware
+    f = train_flops.train_flops_per_image(cfg, group_size)  # chexfound_jax.train.flops
+    progress.tick(step)
+    if progress.interval_step_time_s:
+        scalars.update(throughput_metrics(
+            batch_size, f["executed_total"], progress.interval_step_time_s, jax.device_count(), peak,
+            nominal_flops_per_image=f["total"]))
     writer.write_scalars(step, scalars)
 """
 
@@ -41,61 +45,41 @@ from data_prep.writers import tfrecord_frame
 
 REMOTE_FLUSH_SECS = 60.0
 
-# --- peak FLOP/s and MFU ---------------------------------------------------------------------------
-
-# Dense (no sparsity) bf16 peak FLOP/s per device, matched case-insensitively as substrings of
-# `jax.devices()[0].device_kind`; the longest matching key wins ("TPU v5 lite" over "TPU v5",
-# "H100 PCIe" over "H100"). Vendor figures:
-#   NVIDIA H100 SXM 989.4 TFLOP/s, H100 PCIe 756, H100 NVL 835 (H100 datasheet: 1979 / 1513 / 1671
-#     "with sparsity", halved); H200 SXM 989, H200 NVL 835 (H200 datasheet, halved likewise);
-#   NVIDIA A100 312 (A100 datasheet, BF16 Tensor Core);
-#   Google Cloud TPU docs: v4 275, v5e ("TPU v5 lite") 197, v5p ("TPU v5") 459, v6e ("TPU v6 lite",
-#     Trillium) 918 TFLOP/s per chip.
-PEAK_FLOPS_PER_DEVICE: dict[str, float] = {
-    "H100": 989.4e12,
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H200": 989.4e12,
-    "H200 NVL": 835e12,
-    "A100": 312e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5": 459e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
-
-
-def peak_flops(device_kind: str, override: float | None = None) -> float | None:
-    """Per-device peak FLOP/s: `override` if given (a config value), else the table's; None if unknown
-    (CPUs, new chips), in which case MFU is not reported rather than reported against a guess."""
-    if override is not None:
-        if not override > 0:
-            raise ValueError(f"peak FLOP/s override must be positive, got {override}")
-        return float(override)
-    kind = device_kind.lower()
-    matches = [key for key in PEAK_FLOPS_PER_DEVICE if key.lower() in kind]
-    return PEAK_FLOPS_PER_DEVICE[max(matches, key=len)] if matches else None
+# --- throughput and MFU ----------------------------------------------------------------------------
+# Peak FLOP/s per chip: chexfound_jax.hardware.peak_flops (the one table of chip figures).
 
 
 def throughput_metrics(
-    images_per_step: int, flops_per_image: float, step_time_s: float, num_devices: int, peak: float | None
+    images_per_step: int,
+    flops_per_image: float,
+    step_time_s: float,
+    num_devices: int,
+    peak: float | None,
+    *,
+    nominal_flops_per_image: float | None = None,
 ) -> dict[str, float]:
-    """{"images_per_s", "tflops_per_s_per_device", "mfu"} of one step time.
+    """{"images_per_s", "tflops_per_s_per_device", "mfu"} of one step time, and with a nominal count
+    also {"tflops_per_s_per_device_nominal", "mfu_nominal"}.
 
-    images_per_step is the global batch and num_devices all devices of the job, so the FLOP/s are per
-    device. mfu is a fraction of `peak` (FLOP/s per device) and is left out when peak is None, so a
-    metrics dict never carries a None.
+    flops_per_image is what the step executes (train.flops' "executed_total": subset drop path
+    skips rows), so "mfu" is the chip's real utilisation; the nominal count ("total": every row
+    through every block) gives the *_nominal keys, for comparison with accountings that ignore the
+    skipped rows. images_per_step is the global batch and num_devices all devices of the job, so
+    the FLOP/s are per device. MFU is a fraction of `peak` (FLOP/s per device), left out when peak
+    is None, so a metrics dict never carries a None.
     """
     if step_time_s <= 0 or num_devices <= 0:
         raise ValueError(f"step_time_s and num_devices must be positive, got {step_time_s}, {num_devices}")
     images_per_s = images_per_step / step_time_s
-    flops_per_device = flops_per_image * images_per_s / num_devices
-    out = {"images_per_s": images_per_s, "tflops_per_s_per_device": flops_per_device / 1e12}
-    if peak:
-        out["mfu"] = flops_per_device / peak
+    out = {"images_per_s": images_per_s}
+    counts = {"": flops_per_image}
+    if nominal_flops_per_image is not None:
+        counts["_nominal"] = nominal_flops_per_image
+    for suffix, per_image in counts.items():
+        flops_per_device = per_image * images_per_s / num_devices
+        out[f"tflops_per_s_per_device{suffix}"] = flops_per_device / 1e12
+        if peak:
+            out[f"mfu{suffix}"] = flops_per_device / peak
     return out
 
 
@@ -384,7 +368,11 @@ class Progress:
     start_step is the step the run (re)started from. Call tick(step) when `step` has finished (its
     metrics fetched: with async dispatch, earlier is only dispatch time), every step or only at log
     points. The first tick is the baseline, so the time before it (compilation, first batch) never
-    enters the rate.
+    enters the rate: the training loop ticks once right after the run's first step (the one that
+    compiles), then at every log point, so the first log window already excludes the compilation.
+
+    steps_per_s / step_time_s average over the last `window` tick intervals (console ETA);
+    interval_step_time_s is the last interval alone (the logged throughput and MFU).
     """
 
     def __init__(
@@ -414,6 +402,14 @@ class Progress:
             return None
         (s0, t0), (s1, t1) = self._points[0], self._points[-1]
         return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+    @property
+    def interval_step_time_s(self) -> float | None:
+        """Seconds per step between the last two ticks; None before two ticks (or no step between them)."""
+        if len(self._points) < 2:
+            return None
+        (s0, t0), (s1, t1) = self._points[-2], self._points[-1]
+        return (t1 - t0) / (s1 - s0) if t1 > t0 and s1 > s0 else None
 
     @property
     def steps_done(self) -> int:

@@ -69,7 +69,7 @@ def build_training(
     abstract_state = jax.eval_shape(lambda: state_lib.init_state(model_cfg, optimizer, cfg.train.seed))
     state_shardings = state_lib.state_shardings(abstract_state, model_cfg, optimizer, rules, mesh)
     step = step_lib.compile_train_step(
-        step_lib.make_train_step(cfg, model_cfg, optimizer, schedules), state_shardings, batch_shardings, mesh
+        step_lib.make_train_step(cfg, model_cfg, optimizer, schedules), state_shardings, batch_shardings, mesh, rules
     )
     return Training(
         cfg=cfg,

@@ -18,7 +18,9 @@ import optax
 from flax import nnx
 
 from chexfound_jax.models import DINOHead, ModelConfig, VisionTransformer
-from chexfound_jax.ssl import losses
+from chexfound_jax.parallel import activations
+from chexfound_jax.parallel.sharding import Rules
+from chexfound_jax.ssl import chunked, losses
 from chexfound_jax.ssl.schedules import Schedules
 from chexfound_jax.train.state import TrainState
 
@@ -69,28 +71,38 @@ def make_train_step(
     sinkhorn = cfg.train.centering == "sinkhorn_knopp"
     if cfg.train.centering not in ("sinkhorn_knopp", "centering"):
         raise ValueError(f"train.centering must be sinkhorn_knopp or centering, got {cfg.train.centering!r}")
+    # iBOT logits of the masked tokens in row chunks of this size (never whole: at 64 images per chip
+    # one (tokens, 131072) float32 array is 11 GB); 0 computes them whole.
+    ibot_chunk = int(cfg.ibot.get("loss_chunk_size", 0))
 
     def teacher_targets(teacher: dict, batch: Batch, temp: jax.Array, centers: dict):
+        """DINO targets, and iBOT targets (whole) or the teacher's iBOT features (chunked)."""
         groups, two_b = batch["global_crops"].shape[:2]
         out = graphs.vit(teacher["backbone"]).forward_features(
             batch["global_crops"].reshape(-1, *batch["global_crops"].shape[2:])
         )
         cls = out["x_norm_clstoken"].reshape(groups, 2, two_b // 2, -1)[:, ::-1]  # swap crops: [t2; t1]
         dino_logits = graphs.head("dino_head", teacher["dino_head"])(cls.reshape(-1, cls.shape[-1]))
+        dino_logits = activations.constrain_batch(dino_logits)
         patches = _gather_masked(out["x_norm_patchtokens"], groups, batch["mask_indices"])
-        ibot_logits = graphs.head(ibot_head, teacher[ibot_head])(patches)
+        head = graphs.head(ibot_head, teacher[ibot_head])
         valid = batch["mask_valid"].reshape(-1)
+        if ibot_chunk:
+            z = head.bottleneck(patches).reshape(groups, -1, head.last_layer.v.shape[0])
+            ibot_target = {"z": activations.constrain_batch(z), "w": head.last_layer.weight()}
+        else:
+            ibot_logits = activations.constrain_batch(head(patches))
         if sinkhorn:
             dino_q = losses.sinkhorn_knopp(dino_logits, temp)
-            ibot_q = losses.sinkhorn_knopp(ibot_logits, temp, valid=valid)
+            if not ibot_chunk:
+                ibot_target = losses.sinkhorn_knopp(ibot_logits, temp, valid=valid)
         else:
             dino_q = losses.softmax_center_teacher(dino_logits, centers["dino"], temp)
-            ibot_q = losses.softmax_center_teacher(ibot_logits, centers["ibot"], temp) * valid[:, None]
             m = cfg.train.center_momentum
-            centers = {
-                "dino": losses.update_center(centers["dino"], dino_logits, m),
-                "ibot": losses.update_center(centers["ibot"], ibot_logits, m, valid=valid),
-            }
+            centers = {**centers, "dino": losses.update_center(centers["dino"], dino_logits, m)}
+            if not ibot_chunk:  # chunked: the loss pass updates the iBOT centre
+                ibot_target = losses.softmax_center_teacher(ibot_logits, centers["ibot"], temp) * valid[:, None]
+                centers["ibot"] = losses.update_center(centers["ibot"], ibot_logits, m, valid=valid)
         stats = {
             # Collapse monitors: a collapsed teacher gives every image the same distribution.
             "teacher_entropy": jnp.mean(_entropy(jax.nn.softmax(dino_logits / temp))),
@@ -98,9 +110,33 @@ def make_train_step(
         }
         dino_q = dino_q.reshape(groups, 2, two_b // 2, -1)
         dino_q = jnp.moveaxis(dino_q, 1, 0).reshape(2, -1, dino_q.shape[-1])
-        return jax.lax.stop_gradient(dino_q), jax.lax.stop_gradient(ibot_q), centers, stats
+        return jax.lax.stop_gradient(dino_q), jax.lax.stop_gradient(ibot_target), centers, stats
 
-    def student_loss(student: dict, batch: Batch, dino_q, ibot_q, key: jax.Array):
+    def ibot_term(student: dict, batch: Batch, patches: jax.Array, ibot_target, temp, center):
+        """(iBOT loss, new iBOT centre or None) of the student's masked patch tokens."""
+        groups, two_b = batch["global_crops"].shape[:2]
+        head = graphs.head(ibot_head, student[ibot_head])
+        weights = batch["mask_weights"]
+        if not ibot_chunk:
+            logits = activations.constrain_batch(head(patches))
+            return losses.ibot_loss(logits, ibot_target, weights.reshape(-1), n_global_images=groups * two_b), None
+        z = activations.constrain_batch(head.bottleneck(patches).reshape(groups, -1, head.last_layer.v.shape[0]))
+        return chunked.ibot_loss_chunked(
+            z,
+            head.last_layer.weight(),
+            ibot_target["z"],
+            ibot_target["w"],
+            temp,
+            batch["mask_valid"],
+            weights,
+            groups * two_b,
+            centering=cfg.train.centering,
+            center=None if sinkhorn else center,
+            center_momentum=cfg.train.center_momentum,
+            chunk_size=ibot_chunk,
+        )
+
+    def student_loss(student: dict, batch: Batch, dino_q, ibot_target, temp, ibot_center, key: jax.Array):
         groups, two_b = batch["global_crops"].shape[:2]
         b = two_b // 2
         k_global, k_local = jax.random.split(key)
@@ -108,12 +144,13 @@ def make_train_step(
         dino = graphs.head("dino_head", student["dino_head"])
         x_global = batch["global_crops"].reshape(-1, *batch["global_crops"].shape[2:])
         x_local = batch["local_crops"].reshape(-1, *batch["local_crops"].shape[2:])
-        out_g = vit.forward_features(x_global, batch["masks"].reshape(groups * two_b, -1), rng=k_global)
-        out_l = vit.forward_features(x_local, rng=k_local)
+        out_g = vit.forward_features(x_global, batch["masks"].reshape(groups * two_b, -1), rng=k_global, groups=groups)
+        out_l = vit.forward_features(x_local, rng=k_local, groups=groups)
         cls_g = out_g["x_norm_clstoken"]
+        dino_logits = lambda cls: activations.constrain_batch(dino(cls))
         terms = losses.dino_loss(
-            _crops_first(dino(out_l["x_norm_clstoken"]), groups, n_local),
-            _crops_first(dino(cls_g), groups, 2),
+            _crops_first(dino_logits(out_l["x_norm_clstoken"]), groups, n_local),
+            _crops_first(dino_logits(cls_g), groups, 2),
             dino_q,
         )
         cls_by_crop = cls_g.reshape(groups, 2, b, -1)
@@ -121,25 +158,24 @@ def make_train_step(
             losses.koleo_loss(cls_by_crop[:, c].reshape(groups * b, -1), group_size=b) for c in range(2)
         )
         patches = _gather_masked(out_g["x_norm_patchtokens"], groups, batch["mask_indices"])
-        ibot_logits = graphs.head(ibot_head, student[ibot_head])(patches)
-        terms["ibot_loss"] = losses.ibot_loss(
-            ibot_logits, ibot_q, batch["mask_weights"].reshape(-1), n_global_images=groups * two_b
-        )
+        terms["ibot_loss"], new_center = ibot_term(student, batch, patches, ibot_target, temp, ibot_center)
         total = (
             cfg.dino.loss_weight * (terms["dino_local_crops_loss"] + terms["dino_global_crops_loss"])
             + cfg.dino.koleo_loss_weight * terms["koleo_loss"]
             + cfg.ibot.loss_weight * terms["ibot_loss"]
         )
-        return total, terms
+        return total, (terms, new_center)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         temp = schedules.teacher_temp(state.step)
         momentum = schedules.momentum(state.step)
         rng, key = jax.random.split(state.rng)
-        dino_q, ibot_q, centers, stats = teacher_targets(state.teacher, batch, temp, state.centers)
-        (total, terms), grads = jax.value_and_grad(student_loss, has_aux=True)(
-            state.student, batch, dino_q, ibot_q, key
+        dino_q, ibot_target, centers, stats = teacher_targets(state.teacher, batch, temp, state.centers)
+        (total, (terms, ibot_center)), grads = jax.value_and_grad(student_loss, has_aux=True)(
+            state.student, batch, dino_q, ibot_target, temp, centers["ibot"], key
         )
+        if ibot_center is not None:
+            centers = {**centers, "ibot": ibot_center}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
         student = optax.apply_updates(state.student, updates)
         teacher = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, state.teacher, student)
@@ -165,12 +201,25 @@ def make_train_step(
 
 
 def compile_train_step(
-    step_fn: Callable, state_shardings: TrainState, batch_shardings: dict, mesh: jax.sharding.Mesh
+    step_fn: Callable,
+    state_shardings: TrainState,
+    batch_shardings: dict,
+    mesh: jax.sharding.Mesh,
+    rules: Rules = (),
 ) -> Callable:
-    """jit with explicit shardings; the state is donated (updated in place), metrics replicated."""
+    """jit with explicit shardings; the state is donated (updated in place), metrics replicated.
+
+    The step is traced inside the activation-sharding context of (mesh, rules), so activations stay
+    split over the batch axes (parallel.activations) instead of following FSDP-sharded weights.
+    """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def sharded_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        with activations.activation_sharding(mesh, rules):
+            return step_fn(state, batch)
+
     return jax.jit(
-        step_fn,
+        sharded_step,
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,

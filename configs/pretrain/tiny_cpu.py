@@ -7,7 +7,7 @@ from configs.pretrain import vitl16_512
 
 def get_config() -> ml_collections.ConfigDict:
     c = vitl16_512.get_config()
-    c.model.update(arch="vit_small", patch_size=16, dtype="float32")
+    c.model.update(arch="vit_small", patch_size=16, dtype="float32", remat="none")
     c.model.embed_dim = 64
     c.model.depth = 2
     c.model.num_heads = 4

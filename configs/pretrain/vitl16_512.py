@@ -21,8 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
         drop_path_mode="subset",  # DINOv2's batch-subset stochastic depth
         interpolate_offset=0.1,
         dtype="bfloat16",  # compute dtype; parameters and optimiser state stay float32
-        attention_impl=None,  # jax.nn.dot_product_attention: None (XLA) or "cudnn"
-        remat=False,
+        # "auto": Pallas splash attention on TPU, cuDNN flash attention on GPU, XLA elsewhere; or "xla"
+        # (the reference, materialises the T x T scores), "cudnn", "splash".
+        attention_impl="auto",
+        # What backward keeps of each block (models/vit.py REMAT_POLICIES): "none", "full", "dots", "offload".
+        remat="full",
     )
     c.crops = dict(
         global_crops_size=512,
@@ -48,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
         head_nlayers=3,
         mask_sample_probability=0.5,
         mask_ratio_min_max=(0.1, 0.5),
+        # Masked-token logits (up to 2659 x 131072 per 8 images) in chunks of this many rows per group,
+        # fused with Sinkhorn-Knopp and the loss so they never sit whole in memory; 0: whole.
+        loss_chunk_size=256,
     )
     c.train = dict(
         global_batch_size=80,
