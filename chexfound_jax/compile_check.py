@@ -120,8 +120,12 @@ def check(
     mesh_axes: dict[str, int] | None = None,
     rules: str | None = None,
     groups_per_device: int = 1,
+    hlo_path: str | None = None,
 ) -> dict[str, Any]:
-    """Compiles the step of `cfg` at `per_device_batch` on `topo` and returns the report (a JSON-able dict)."""
+    """Compiles the step of `cfg` at `per_device_batch` on `topo` and returns the report (a JSON-able dict).
+
+    `hlo_path`: also write the optimised HLO text there (what the FLOP and collective counts read).
+    """
     n = len(topo.devices)
     cfg = job_config(cfg, per_device_batch, n, groups_per_device)
     mesh_axes = dict(mesh_axes or cfg.parallel.mesh)
@@ -164,7 +168,10 @@ def check(
     report["memory"] = memory
     report["fits"] = bool(memory["peak"] <= chip.hbm_bytes) if chip else None
 
-    stats = hlo_stats.analyse(compiled.as_text(), n)
+    text = compiled.as_text()
+    if hlo_path:
+        pathlib.Path(hlo_path).write_text(text)
+    stats = hlo_stats.analyse(text, n)
     group = cfg.train.global_batch_size // cfg.train.batch_groups
     analytic = flops_lib.train_flops_per_image(cfg, group_size=group)
     images = cfg.train.global_batch_size / n
@@ -298,6 +305,7 @@ def _define_flags() -> Any:
             "max_batch", False, "Search the largest per-device batch that fits (from --per_device_batch)."
         ),
         json=flags.DEFINE_string("json", None, "Write the report (or the search's reports) here as JSON."),
+        hlo=flags.DEFINE_string("hlo", None, "Write the optimised HLO text here (the last compile's)."),
     )
 
 
@@ -313,7 +321,7 @@ def main(argv: list[str]) -> None:
         mesh_axes = mesh_lib.parse_mesh(f.mesh.value) if f.mesh.value else None
     except (ValueError, RuntimeError) as e:
         raise app.UsageError(str(e)) from None
-    run = lambda b: check(cfg, topo, b, mesh_axes, f.rules.value, f.groups.value)
+    run = lambda b: check(cfg, topo, b, mesh_axes, f.rules.value, f.groups.value, f.hlo.value)
     if not f.max_batch.value:
         report = run(f.batch.value)
         print(format_report(report))

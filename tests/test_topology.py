@@ -41,6 +41,16 @@ def test_get_topology_v5p_8_is_four_v5p_chips():
     assert {d.device_kind for d in topo.devices} == {"TPU v5"}
 
 
+@pytest.mark.parametrize(
+    "name, chips, kind", [("v4-32", 16, "TPU v4"), ("v5litepod-16", 16, "TPU v5 lite"), ("v6e-8", 8, "TPU v6 lite")]
+)
+def test_get_topology_gives_one_device_per_chip(name, chips, kind):
+    """v4 and v5p chips hold 2 TensorCores that jobs run as one device (megacore), as meshes need."""
+    topo = topology_lib.get_topology(name)
+    assert len(topo.devices) == chips and topo.device_kind == kind
+    mesh_lib.create_mesh({"fsdp": -1}, topo.devices)  # a mesh over them is valid
+
+
 def test_get_topology_local_and_bad_requests():
     local = topology_lib.get_topology("local")
     assert local.jax_name == "local" and local.platform == "cpu" and len(local.devices) == 8

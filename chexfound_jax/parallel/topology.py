@@ -108,6 +108,8 @@ def get_topology(name: str, num_slices: int = 1) -> Topology:
 
     try:
         kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+        if jax_name.startswith(("v4:", "v5p:")):
+            kwargs["chip_config_name"] = "megacore"  # one device per chip (both TensorCores), as jobs run
         desc = topologies.get_topology_desc(jax_name, "tpu", **kwargs)
     except Exception as e:  # libtpu missing, or a shape it does not know
         raise RuntimeError(
