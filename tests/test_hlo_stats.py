@@ -124,3 +124,39 @@ def test_group_size(rest, size):
 )
 def test_shape_bytes(shape, nbytes):
     assert hlo_stats.shape_bytes(shape) == nbytes
+
+
+WINDOWED_LOOP = """HloModule m
+%cond (p: (s32[], f32[8,16])) -> pred[] {
+  %p = (s32[], f32[8,16]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+%body (q: (s32[], f32[8,16])) -> (s32[], f32[8,16]) {
+  %q = (s32[], f32[8,16]) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %x = f32[8,16] get-tuple-element(%q), index=1
+  %w = f32[16,16] constant({...})
+  %d = f32[8,16] dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %two = s32[] constant(2)
+  %next = s32[] add(%j, %two)
+  ROOT %t = (s32[], f32[8,16]) tuple(%next, %d)
+}
+ENTRY %main (a: f32[8,16]) -> f32[8,16] {
+  %a = f32[8,16] parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[8,16]) tuple(%zero, %a)
+  %loop = (s32[], f32[8,16]) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[8,16] get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_loop_stepping_by_two_runs_half_its_bound():
+    """XLA's windowed einsum loops do two chunks per iteration: `i < 4` stepping by 2 is 2 iterations."""
+    stats = hlo_stats.analyse(WINDOWED_LOOP, num_devices=1)
+    assert stats.unknown_trip_counts == 0
+    assert stats.matmul_flops == 2 * (2 * 8 * 16 * 16)
+    one_step = hlo_stats.analyse(WINDOWED_LOOP.replace("constant(2)", "constant(1)"), num_devices=1)
+    assert one_step.matmul_flops == 4 * (2 * 8 * 16 * 16)

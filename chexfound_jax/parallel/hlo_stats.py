@@ -77,13 +77,31 @@ def parse_computations(text: str) -> tuple[dict[str, list[Instruction]], str]:
     return computations, entry
 
 
-def _trip_count(condition: list[Instruction]) -> int | None:
-    """N of a scan's `counter < N` loop condition; None when the condition has another form."""
-    constants = [int(m[1]) for i in condition if i.opcode == "constant" for m in [re.match(r"(-?\d+)\)", i.rest)] if m]
+def _constant(inst: Instruction | None) -> int | None:
+    match = re.match(r"(-?\d+)\)", inst.rest) if inst is not None and inst.opcode == "constant" else None
+    return int(match[1]) if match else None
+
+
+def _trip_count(condition: list[Instruction], body: list[Instruction]) -> int | None:
+    """Iterations of a loop whose condition is `counter < N`, the counter starting at 0 and stepping by the
+    constant the body adds to it (1 for JAX's scans; 2 where XLA's windowed einsum does two chunks per
+    iteration); None when the loop has another form."""
+    constants = [c for c in map(_constant, condition) if c is not None]
     compares = [i for i in condition if i.opcode == "compare"]
-    if len(constants) == 1 and len(compares) == 1 and "direction=LT" in compares[0].rest:
-        return constants[0]
-    return None
+    if len(constants) != 1 or len(compares) != 1 or "direction=LT" not in compares[0].rest:
+        return None
+    step = 1
+    counter = next((i for i in condition if i.opcode == "get-tuple-element"), None)
+    index = re.search(r"index=(\d+)", counter.rest) if counter else None
+    root = next((i for i in reversed(body) if i.opcode == "tuple"), None)
+    if index and root:
+        operands = re.findall(r"%([\w.\-]+)", root.rest.split(")")[0])
+        by_name = {i.name: i for i in body}
+        update = by_name.get(operands[int(index[1])]) if int(index[1]) < len(operands) else None
+        if update is not None and update.opcode == "add":
+            steps = [_constant(by_name.get(n)) for n in re.findall(r"%([\w.\-]+)", update.rest.split(")")[0])]
+            step = next((c for c in steps if c), 1)
+    return -(-constants[0] // step)
 
 
 def multiplicities(computations: dict[str, list[Instruction]], entry: str) -> tuple[dict[str, int], int]:
@@ -108,7 +126,7 @@ def multiplicities(computations: dict[str, list[Instruction]], entry: str) -> tu
                         if known:
                             trips: int | None = int(known[1])
                         else:
-                            trips = _trip_count(computations.get(cond[1], [])) if cond else None
+                            trips = _trip_count(computations.get(cond[1], []), computations[callee]) if cond else None
                         unknown += trips is None
                         inner = factor * (trips or 1)
                     visit(callee, inner)
