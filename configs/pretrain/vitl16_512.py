@@ -25,7 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
         # (the reference, materialises the T x T scores), "cudnn", "splash".
         attention_impl="auto",
         # What backward keeps of each block (models/vit.py REMAT_POLICIES): "none", "full", "dots", "offload".
-        remat="full",
+        # "dots" (keep the weight matmuls' outputs, recompute the rest: ~5% more FLOPs) fits the official
+        # 10 images per chip on every TPU measured, 16 GiB v5e included (docs/compile_check.md); "full"
+        # (+25%) fits 64 per v5p chip in 24 GiB.
+        remat="dots",
     )
     c.crops = dict(
         global_crops_size=512,
@@ -119,5 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
         teacher_temp=0.07,
         warmup_teacher_temp_epochs=30,
     )
-    c.parallel = dict(mesh=dict(data=-1, fsdp=1), rules="fsdp")
+    # FSDP over every chip (ZeRO-3: the 6 GiB of parameters and AdamW state split, activations per chip);
+    # over several slices, data=<slices> keeps only the batch axis on the data-center network.
+    c.parallel = dict(mesh=dict(data=1, fsdp=-1), rules="fsdp")
     return c
