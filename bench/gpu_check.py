@@ -72,6 +72,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import monitoring  # noqa: E402
 
+from bench import timing  # noqa: E402
 from chexfound_jax import hardware  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -282,13 +283,7 @@ def vit_forward(check: Check, deadline: float, out: dict, cfg: Any, devices: lis
             t0 = time.perf_counter()
             compiled = jax.jit(forward).lower(params, x).compile()
             run["compile_s"] = round(time.perf_counter() - t0, 2)
-            for _ in range(args.warmup):
-                jax.block_until_ready(compiled(params, x))
-            times = []
-            for _ in range(args.forward_iters):
-                t0 = time.perf_counter()
-                jax.block_until_ready(compiled(params, x))
-                times.append(time.perf_counter() - t0)
+            times = timing.time_calls(compiled, (params, x), args.warmup, args.forward_iters)
             step = statistics.median(times)
             run.update(
                 step_ms=step * 1e3,
@@ -564,15 +559,7 @@ def _time_step(training: Any, compiled: Any, cfg: Any, args: argparse.Namespace)
         jax.device_put(synthetic_batch(cfg, training.batch_spec, rng), training.batch_shardings) for _ in range(2)
     ]
     try:
-        for i in range(args.warmup):
-            state, metrics = compiled(state, batches[i % 2])
-            jax.block_until_ready(metrics)
-        times = []
-        for i in range(args.steps):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, batches[i % 2])
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t0)
+        state, metrics, times = timing.time_steps(compiled, state, batches, args.warmup, args.steps)
         loss = float(metrics["total_loss"])
     finally:
         del state, batches

@@ -37,6 +37,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from bench import timing
 from chexfound_jax import hardware
 from chexfound_jax.compile_check import compile_abstract, memory_figures
 from chexfound_jax.data.collate import synthetic_batch
@@ -54,9 +55,8 @@ _RULES = flags.DEFINE_string("rules", None, "Sharding rule table (data_parallel,
 _ATTN = flags.DEFINE_enum(
     "attention_impl",
     None,
-    ["xla", "cudnn"],
-    "Sets config model.attention_impl; default the config's. (A config field that is None, as this one is"
-    " by default, cannot be set with --config.model.attention_impl.)",
+    ["xla", "cudnn", "splash", "auto"],
+    "Shortcut for --config.model.attention_impl; default the config's.",
 )
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
@@ -135,15 +135,7 @@ def main(argv):
     print(f"compile: {time.perf_counter() - t0:.1f} s")
     _print_memory(memory_figures(compiled))
 
-    for i in range(_WARMUP.value):
-        state, metrics = compiled(state, batches[i % 2])
-        jax.block_until_ready(metrics)
-    times = []
-    for i in range(_STEPS.value):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batches[i % 2])
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
+    state, metrics, times = timing.time_steps(compiled, state, batches, _WARMUP.value, _STEPS.value)
 
     step_s = statistics.median(times)
     groups = training.batch_spec["global_crops"].shape[0]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
+from bench import timing
 from chexfound_jax.models.build import init_random
 from chexfound_jax.models.flops import vit_forward_flops
 from chexfound_jax.models.vit import ARCHS, count_params, vit_config
@@ -82,13 +83,7 @@ def main(argv):
     compile_s = time.perf_counter() - t0
     print(f"compile: {compile_s:.1f} s")
 
-    for _ in range(_WARMUP.value):
-        jax.block_until_ready(compiled(state, x))
-    times = []
-    for _ in range(_ITERS.value):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(state, x))
-        times.append(time.perf_counter() - t0)
+    times = timing.time_calls(compiled, (state, x), _WARMUP.value, _ITERS.value)
 
     step = statistics.median(times)
     flops = vit_forward_flops(cfg, resolution)
