@@ -110,7 +110,7 @@ def _global_tokens(cfg: Any) -> int:
 
 def _is_out_of_memory(error: Exception) -> bool:
     text = str(error).lower()
-    return "resource_exhausted" in text or "out of memory" in text or "ran out of memory" in text
+    return "resource_exhausted" in text or "out of memory" in text
 
 
 def check(
