@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from chexfound_jax import hardware
 from chexfound_jax.data import pipeline
+from chexfound_jax.eval.online import OnlineEval
 from chexfound_jax.models import ModelConfig, weights
 from chexfound_jax.models.vit import ViTConfig
 from chexfound_jax.train import checkpoint, flops, metrics, recipe
@@ -89,6 +90,14 @@ def validate(cfg: Any, num_devices: int) -> list[str]:
         size = dataset_image_size(dataset)
         if size is not None and g > size:
             raise ConfigError(f"crops.global_crops_size {g} is larger than the images of {dataset} ({size} px)")
+    online = cfg.eval_online
+    if online.every < 0:
+        raise ConfigError(f"eval_online.every must be >= 0 (0: off), got {online.every}")
+    if online.every and not online.datasets:
+        raise ConfigError("eval_online.every is set but eval_online.datasets is empty: name labelled datasets")
+    for dataset in online.datasets if online.every else ():
+        if not epath.Path(dataset).exists():
+            raise ConfigError(f"eval_online.datasets: {dataset} does not exist")
     warnings = []
     batch = cfg.train.global_batch_size
     if batch < SMALL_GLOBAL_BATCH:
@@ -186,6 +195,14 @@ def export(workdir: epath.Path, step: int, model_cfg: ModelConfig, state: Any, l
     logging.info("exported step %d to %s", step, out)
 
 
+def evaluate_online(online: OnlineEval, step: int, state: Any, writer: metrics.MetricsWriter, lead: bool) -> None:
+    """Logs the online/* figures of the teacher at `step` (every process embeds its share)."""
+    values = online(state.teacher["backbone"])
+    writer.write_scalars(step, values)
+    if lead:
+        logging.info("step %d online | %s", step, " ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in values.items()))
+
+
 def init_from(training: Training, state: Any, source: str, pos_embed: str) -> Any:
     """Student (and teacher = student) from a weights directory of an earlier stage, as the official code does:
     pos_embed re-initialised ("reinit", official) or resampled to the new grid ("resample")."""
@@ -253,6 +270,13 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
             start, abstract_state=training.abstract_state, shardings=training.state_shardings
         )
         logging.info("resumed from step %d in %s", start, ckpt.directory)
+    online = None
+    if cfg.eval_online.every:
+        online = OnlineEval(
+            cfg.eval_online, training.model_cfg.backbone, training.mesh, training.rules, cfg.crops.global_crops_size
+        )
+        if start == 0:
+            evaluate_online(online, 0, state, writer, lead)  # the initialisation: where the curves start
     # One local batch, made in this process (no worker start-up), tells the keys and ranks to shard.
     probe = next(iter(pipeline.training_dataset(cfg, layout, process_index=shard, num_workers=0)))
     it = pipeline.DeviceIterator(
@@ -323,6 +347,8 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
                     if lead:
                         logging.info("%s | loss %.4f", line, values["total_loss"])
                     last = {"step": step, **values}
+            if online is not None and online.due(step, total_steps):
+                evaluate_online(online, step, state, writer, lead)
             if save_now:
                 ckpt.save(step, state, it.get_state(), cfg.to_dict(), force=True)
             if cfg.train.export_every and (step % cfg.train.export_every == 0 or step == total_steps):

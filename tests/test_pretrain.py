@@ -14,8 +14,11 @@ import pytest
 from etils import epath
 from helpers import run_processes
 
-from chexfound_jax import pretrain
+from chexfound_jax import embed, pretrain
+from chexfound_jax.data import classification
+from chexfound_jax.eval import knn, online, tasks
 from chexfound_jax.models import weights
+from chexfound_jax.models.build import model_from_params
 from chexfound_jax.train import checkpoint
 from configs.pretrain import tiny_cpu
 from data_prep import local_runner, writers
@@ -81,9 +84,15 @@ def jsonl(workdir) -> list[dict]:
 
 def test_end_to_end_writes_checkpoints_metrics_and_exports(dataset, tmp_path):
     cfg = config(dataset, steps=12, export_every=12, profile_start=3, profile_steps=2)
+    cfg.eval_online.update(every=8, datasets=(dataset,), batch_size=6)
+    # LayerScale 1e-5 leaves every image's class token all but equal for the first steps (feature_std ~1e-7):
+    # kNN scores would then be decided by rounding. 0.1 makes the features distinct for the comparison.
+    cfg.model.layerscale_init = 0.1
+    for split in cfg.eval_online.task.splits.values():
+        split.holdout = (0.5, 0.5)
     last = pretrain.train(cfg, tmp_path, devices=jax.devices()[:2])
     assert last["step"] == 12 and np.isfinite(last["total_loss"])
-    rows = jsonl(tmp_path)
+    rows = [r for r in jsonl(tmp_path) if "total_loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 13))
     logged = {"total_loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "param_norm", "update_norm"}
     throughput = {"images_per_s", "tflops_per_s_per_device", "tflops_per_s_per_device_nominal"}
@@ -103,6 +112,33 @@ def test_end_to_end_writes_checkpoints_metrics_and_exports(dataset, tmp_path):
     _, teacher = weights.load_weights(export / "teacher")
     _, student = weights.load_weights(export / "student")
     assert teacher["backbone"]["cls_token"].shape == student["backbone"]["cls_token"].shape
+    check_online_eval(cfg, tmp_path, export)
+
+
+def check_online_eval(cfg, workdir, export):
+    """The online/* rows: at the initialisation, every 8 steps and at the end, and the last one equal to an
+    offline kNN and ridge probe on the exported teacher's class tokens (one device, no mesh)."""
+    online_rows = [r for r in jsonl(workdir) if "online/knn_auroc" in r]
+    assert [r["step"] for r in online_rows] == [0, 8, 12]
+    for r in online_rows:
+        assert all(np.isfinite(float(r[f"online/{k}"])) for k in ("knn_auroc", "knn_accuracy", "linear_auroc"))
+        assert 0 < float(r["online/feature_std"]) and 1 <= float(r["online/effective_rank"]) <= 64
+    vit_cfg, params = weights.load_weights(export / "teacher")
+    model = model_from_params(vit_cfg.backbone, params["backbone"])
+    split = tasks.load_task(cfg.eval_online.datasets, tasks.task_from_config(cfg.eval_online.task), ("train", "test"))
+    feats, labels = {}, {}
+    for name, table in split.items():
+        records = classification.LabelledRecords(cfg.eval_online.datasets, [table])
+        images = np.stack([classification.eval_image(records.image(i), 64) for i in range(len(records))])
+        feats[name], labels[name] = embed.embed_arrays(model, images, 4, n_last_blocks=1)["cls_token"], records.labels
+    assert len(labels["test"]) >= 8 and set(np.unique(labels["test"])) == {0.0, 1.0}
+    scores = knn.knn_scores(feats["train"], labels["train"], feats["test"], (20,))[20]
+    offline = {f"knn_{k}": v for k, v in online.macro_scores(labels["test"], scores).items()}
+    ridge = online.ridge_probe_scores(feats["train"], labels["train"], feats["test"])
+    offline["linear_auroc"] = online.macro_scores(labels["test"], ridge)["auroc"]
+    offline |= online.collapse_monitors(feats["test"])
+    for key, value in offline.items():
+        assert float(online_rows[-1][f"online/{key}"]) == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 def test_restore_from_eight_devices_onto_four_and_continue(dataset, tmp_path):
@@ -208,10 +244,16 @@ def test_two_processes_train_and_checkpoint(dataset, tmp_path):
             f"--config.distributed.process_id={i}",
             "--config.distributed.initialize=always",
             "--config.train.checkpoint_every=3",
+            "--config.eval_online.every=3",  # the online evaluation embeds on both processes' devices
+            f"--config.eval_online.datasets=('{dataset}',)",
         ]
         for i in range(2)
     ]
     run_processes(commands, env, cwd=REPO)
-    assert [r["step"] for r in jsonl(tmp_path)] == list(range(1, 7))  # written once, by process 0
+    rows = jsonl(tmp_path)
+    assert [r["step"] for r in rows if "total_loss" in r] == list(range(1, 7))  # written once, by process 0
+    online_rows = [r for r in rows if "online/feature_std" in r]
+    assert [r["step"] for r in online_rows] == [0, 3, 6]
+    assert all(float(r["online/feature_std"]) > 0 for r in online_rows)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
     assert (tmp_path / "export" / "00000006" / "teacher_checkpoint.pth").exists()

@@ -57,6 +57,12 @@ def _crops_first(x: jax.Array, groups: int, crops: int) -> jax.Array:
     return jnp.moveaxis(x, 1, 0).reshape(crops, -1, *x.shape[3:])
 
 
+def _bottleneck_by_group(head: DINOHead, patches: jax.Array, groups: int) -> jax.Array:
+    """(groups, tokens, bottleneck) head features of masked patch tokens, rows kept on their chips."""
+    z = head.bottleneck(patches).reshape(groups, -1, head.last_layer.v.shape[0])
+    return activations.constrain_batch(z)
+
+
 def _entropy(p: jax.Array) -> jax.Array:
     return -jnp.sum(p * jnp.log(jnp.clip(p, 1e-30)), axis=-1)
 
@@ -88,8 +94,7 @@ def make_train_step(
         head = graphs.head(ibot_head, teacher[ibot_head])
         valid = batch["mask_valid"].reshape(-1)
         if ibot_chunk:
-            z = head.bottleneck(patches).reshape(groups, -1, head.last_layer.v.shape[0])
-            ibot_target = {"z": activations.constrain_batch(z), "w": head.last_layer.weight()}
+            ibot_target = {"z": _bottleneck_by_group(head, patches, groups), "w": head.last_layer.weight()}
         else:
             ibot_logits = activations.constrain_batch(head(patches))
         if sinkhorn:
@@ -120,9 +125,8 @@ def make_train_step(
         if not ibot_chunk:
             logits = activations.constrain_batch(head(patches))
             return losses.ibot_loss(logits, ibot_target, weights.reshape(-1), n_global_images=groups * two_b), None
-        z = activations.constrain_batch(head.bottleneck(patches).reshape(groups, -1, head.last_layer.v.shape[0]))
         return chunked.ibot_loss_chunked(
-            z,
+            _bottleneck_by_group(head, patches, groups),
             head.last_layer.weight(),
             ibot_target["z"],
             ibot_target["w"],

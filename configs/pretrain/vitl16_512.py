@@ -86,6 +86,29 @@ def get_config() -> ml_collections.ConfigDict:
         num_processes=0,
         process_id=-1,
     )
+    # Online evaluation of the teacher during the run (chexfound_jax.eval.online): weighted kNN and a ridge
+    # probe on a labelled, patient-split data_prep dataset, and collapse monitors. Off when every = 0.
+    holdout = (0.8, 0.2)  # of the shard split's patients: probe/kNN train part, test part
+    c.eval_online = dict(
+        every=0,  # steps between evaluations (also at step 0 and the last step)
+        datasets=(),  # labelled data_prep dataset directories
+        task=dict(
+            name="online",
+            class_names=("label",),  # shard label names read as the classes
+            splits=dict(
+                train=dict(shard_split="train", holdout=holdout, part=0),
+                test=dict(shard_split="train", holdout=holdout, part=1),
+            ),
+            split_seed=0,
+            uncertain="ignore",
+            missing="ignore",
+        ),
+        image_size=0,  # evaluation resize and centre crop; 0: crops.global_crops_size
+        batch_size=64,  # images per embedding pass, over all devices
+        k=20,  # DINO's weighted kNN: k neighbours, softmax(cosine / temperature) votes
+        temperature=0.07,
+        ridge_alpha=1.0,  # the linear probe's L2 penalty (closed-form ridge on standardised features)
+    )
     c.debug = dict(inject_nan_at_step=-1)  # fault injection for testing the non-finite guard
     c.data = dict(
         datasets=(),  # data_prep dataset directories (<output>/<name>/<version>), local or gs://
