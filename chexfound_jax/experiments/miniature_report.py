@@ -1,0 +1,144 @@
+"""report.md and its plots for the miniature experiment (chexfound_jax.experiments.miniature)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from matplotlib.figure import Figure
+
+from chexfound_jax.eval import metrics
+
+LOSS_TERMS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "devices": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+
+
+def _rows(run_dir: epath.Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(r["step"], float(r[key])) for r in rows if key in r]
+    return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts])) if pts else (np.array([]), np.array([]))
+
+
+def _save(fig: Figure, path: epath.Path) -> str:
+    fig.tight_layout()
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    return path.name
+
+
+def plot_training(rows: list[dict], out: epath.Path) -> list[str]:
+    """losses.png (each term against steps) and teacher_entropy.png (the collapse monitors of the targets)."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    for key in LOSS_TERMS:
+        ax.plot(*_series(rows, key), label=key, lw=1)
+    ax.set(xlabel="step", ylabel="loss", title="pretraining losses")
+    ax.legend(fontsize=8)
+    names = [_save(fig, out / "losses.png")]
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.add_subplot()
+    for key in ("teacher_entropy", "teacher_batch_entropy"):
+        ax.plot(*_series(rows, key), label=key, lw=1)
+    ax.set(xlabel="step", ylabel="nats", title="teacher target entropy (per image; of the batch mean)")
+    ax.legend(fontsize=8)
+    names.append(_save(fig, out / "teacher_entropy.png"))
+    return names
+
+
+def plot_online(results: dict, out: epath.Path) -> str:
+    """online.png: online kNN and ridge AUROC, and the offline linear probe of each export, against steps."""
+    curve = results["knn_curve"]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    steps = [r["step"] for r in curve]
+    ax.plot(steps, [float(r["knn_auroc"]) for r in curve], "o-", label="online kNN AUROC (k=20)")
+    ax.plot(steps, [float(r["linear_auroc"]) for r in curve], "s-", label="online ridge AUROC")
+    arms = sorted((a for n, a in results["arms"].items() if n != "supervised"), key=lambda a: a["step"])
+    auc = np.array([a["linear"]["test_auroc"] for a in arms])
+    ci = np.array([a["linear"]["test_auroc_ci"] for a in arms]).T
+    ax.errorbar(
+        [a["step"] for a in arms], auc, yerr=np.abs(ci - auc), fmt="D", capsize=3, label="linear probe (95% CI)"
+    )
+    ax.set(xlabel="pretraining step", ylabel="AUROC (held-out test)", title="does the teacher learn?")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "online.png")
+
+
+def plot_roc(results: dict, out: epath.Path, names: list[str]) -> str:
+    y = np.asarray(results["test_labels"])
+    fig = Figure(figsize=(4.8, 4.8))
+    ax = fig.add_subplot()
+    for name in names:
+        scores = np.asarray(results["arms"][name]["linear"]["scores"])
+        fpr, tpr, _ = metrics.roc_curve(y, scores)
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUROC {metrics.auroc(y, scores):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="linear probe on the test set")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, out / "roc.png")
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def write(workdir: epath.Path, results: dict, run_dir: epath.Path) -> epath.Path:
+    """report.md with the comparison table, the kNN curve and the plots."""
+    arms = sorted(results["arms"].items(), key=lambda kv: (kv[0] == "supervised", kv[1]["step"]))
+    final = max((n for n in results["arms"] if n != "supervised"), key=lambda n: results["arms"][n]["step"])
+    plots = [*plot_training(_rows(run_dir), workdir), plot_online(results, workdir)]
+    compared = ["random_init", final] if final != "random_init" else [final]
+    plots.append(plot_roc(results, workdir, compared + (["supervised"] if "supervised" in results["arms"] else [])))
+    m, t = results["machine"], results["timings_s"]
+    lines = [
+        "# CheXFound in miniature: linear probe on held-out paediatric X-rays",
+        "",
+        f"{results['config']['arch']}, {results['config']['steps']} steps at batch "
+        f"{results['config']['global_batch_size']}; pool {results['n_pool']} images, test {results['n_test']} "
+        f"(patient split, seed {results['protocol']['split_seed']}). Machine: {m['cpu']}, {m['cores']} cores, "
+        f"jax {m['jax']}. Time: prepare {t['prepare_s']:.0f} s, pretraining {t['pretrain_s']:.0f} s, probes "
+        f"{t['probes_s']:.0f} s.",
+        "",
+        "| arm | pretraining step | C (5-fold CV) | CV AUROC | test AUROC [95% CI] | vs random init [paired 95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, a in arms:
+        p = a["linear"]
+        d = p["vs_random_init"]
+        test, diff = f"{p['test_auroc']:.3f}{_ci(p['test_auroc_ci'])}", f"{d['difference']:+.3f}{_ci(d['ci'])}"
+        step = f"({a['step']} supervised)" if name == "supervised" else a["step"]
+        lines.append(f"| {name} | {step} | {p['C']:.3g} | {p['cv_auroc']:.3f} | {test} | {diff} |")
+    lines += ["", "Online evaluation during pretraining (teacher class token, pool -> test):", ""]
+    lines += [
+        "| step | kNN AUROC | kNN accuracy | ridge AUROC | feature std | effective rank |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["knn_curve"]:
+        lines.append(
+            f"| {r['step']} | {float(r['knn_auroc']):.3f} | {float(r['knn_accuracy']):.3f} | "
+            f"{float(r['linear_auroc']):.3f} | {float(r['feature_std']):.2e} | {float(r['effective_rank']):.1f} |"
+        )
+    lines += ["", *(f"![{p}]({p})" for p in plots), ""]
+    path = workdir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
