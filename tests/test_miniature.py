@@ -52,7 +52,7 @@ def test_miniature_runs_end_to_end_and_resumes(data, tmp_path):
     manifest = json.loads((tmp_path / "shards" / "miniature" / "1.0.0" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["written"] == results["n_pool"]  # pretraining reads the pool only
 
-    assert set(results["arms"]) == {"random_init", "teacher_2", "teacher_4", "supervised"}
+    assert set(results["arms"]) == {"random_init", "teacher_2", "teacher_4", "supervised", "image_statistics"}
     assert len(results["arms"]["supervised"]["train_loss"]) == 3
     for arm in results["arms"].values():
         probe = arm["linear"]

@@ -10,7 +10,8 @@ r"""CheXFound in miniature: does the recipe learn on real chest X-rays? One comm
    steps and the teacher exported every `train.export_every` steps.
 3. The same probe code scores every arm: the ViT at its random initialisation (the run's own step-0
    teacher), the teacher at each export, and the same ViT trained from scratch on the pool's labels
-   (chexfound_jax.experiments.supervised). Linear probe: L2 logistic regression on [class token,
+   (chexfound_jax.experiments.supervised); and, as the floor to beat, a probe on image statistics alone
+   (aspect ratio and intensity histogram). Linear probe: L2 logistic regression on [class token,
    mean patch token] of the last block, C from the official 45-value grid chosen by patient-grouped
    5-fold cross-validation inside the pool, refitted on the whole pool, scored on the test set: AUROC
    with a bootstrap 95% CI, and against the random initialisation the paired bootstrap CI of the
@@ -162,6 +163,29 @@ def linear_probe(
             "test_auroc_ci": auc["auroc_ci"], "scores": scores.tolist()}  # fmt: skip
 
 
+def image_statistics(image: np.ndarray, bins: int = 32) -> np.ndarray:
+    """What a model could read without looking at anatomy: the stored image's aspect ratio, and its
+    intensity histogram, mean and std (the baseline the learned features have to beat)."""
+    x = np.asarray(image, np.float64) / (65535.0 if image.dtype == np.uint16 else 255.0)
+    hist = np.histogram(x, bins=bins, range=(0.0, 1.0))[0] / x.size
+    return np.concatenate([[np.log(x.shape[1] / x.shape[0]), x.mean(), x.std()], hist])
+
+
+def statistics_arm(dataset: epath.Path, protocol: Protocol) -> dict:
+    """The linear probe on image_statistics alone: the size of the image-statistics cue."""
+    tables = tasks.load_task([dataset], TASK, ("train", "test"))
+    feats = {}
+    for name, table in tables.items():
+        records = classification.LabelledRecords([dataset], [table])
+        feats[name] = (
+            np.stack([image_statistics(records.image(i)) for i in range(len(records))]),
+            records.labels[:, 0],
+        )
+    patients = np.asarray(tables["train"].patient_id)
+    probe = linear_probe((*feats["train"], patients), feats["test"], protocol)
+    return {"step": 0, "linear": probe}
+
+
 def load_split(dataset: epath.Path, image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """{split: (preprocessed images, labels (N,), patient ids)} for the pool (train) and the test set."""
     tables = tasks.load_task([dataset], TASK, ("train", "test"))
@@ -192,6 +216,8 @@ def evaluate_arms(cfg: Any, dataset: epath.Path, run_dir: epath.Path, out: epath
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(results[name]))
         logging.info("%s: linear probe test AUROC %.3f (C %.3g)", name, probe["test_auroc"], probe["C"])
+    if "image_statistics" not in results:
+        results["image_statistics"] = statistics_arm(dataset, protocol)
     if protocol.supervised_steps and "supervised" not in results:
         results["supervised"] = supervised_arm(cfg, dataset, data, out, protocol)
     y_test = data["test"][1]

@@ -73,7 +73,9 @@ def plot_online(results: dict, out: epath.Path) -> str:
     steps = [r["step"] for r in curve]
     ax.plot(steps, [float(r["knn_auroc"]) for r in curve], "o-", label="online kNN AUROC (k=20)")
     ax.plot(steps, [float(r["linear_auroc"]) for r in curve], "s-", label="online ridge AUROC")
-    arms = sorted((a for n, a in results["arms"].items() if n != "supervised"), key=lambda a: a["step"])
+    arms = sorted(
+        (a for n, a in results["arms"].items() if n.startswith(("teacher", "random"))), key=lambda a: a["step"]
+    )
     auc = np.array([a["linear"]["test_auroc"] for a in arms])
     ci = np.array([a["linear"]["test_auroc_ci"] for a in arms]).T
     ax.errorbar(
@@ -98,14 +100,21 @@ def plot_roc(results: dict, out: epath.Path, names: list[str]) -> str:
     return _save(fig, out / "roc.png")
 
 
+def _pretrained(results: dict) -> list[str]:
+    """The random initialisation and the teacher exports, by pretraining step."""
+    names = [n for n in results["arms"] if n == "random_init" or n.startswith("teacher_")]
+    return sorted(names, key=lambda n: results["arms"][n]["step"])
+
+
 def _ci(ci: list[float] | None) -> str:
     return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def write(workdir: epath.Path, results: dict, run_dir: epath.Path) -> epath.Path:
     """report.md with the comparison table, the kNN curve and the plots."""
-    arms = sorted(results["arms"].items(), key=lambda kv: (kv[0] == "supervised", kv[1]["step"]))
-    final = max((n for n in results["arms"] if n != "supervised"), key=lambda n: results["arms"][n]["step"])
+    pretrained = _pretrained(results)
+    arms = [(n, results["arms"][n]) for n in pretrained + sorted(set(results["arms"]) - set(pretrained))]
+    final = pretrained[-1]
     plots = [*plot_training(_rows(run_dir), workdir), plot_online(results, workdir)]
     compared = ["random_init", final] if final != "random_init" else [final]
     plots.append(plot_roc(results, workdir, compared + (["supervised"] if "supervised" in results["arms"] else [])))
@@ -126,7 +135,7 @@ def write(workdir: epath.Path, results: dict, run_dir: epath.Path) -> epath.Path
         p = a["linear"]
         d = p["vs_random_init"]
         test, diff = f"{p['test_auroc']:.3f}{_ci(p['test_auroc_ci'])}", f"{d['difference']:+.3f}{_ci(d['ci'])}"
-        step = f"({a['step']} supervised)" if name == "supervised" else a["step"]
+        step = {"supervised": f"({a['step']} supervised)", "image_statistics": "—"}.get(name, a["step"])
         lines.append(f"| {name} | {step} | {p['C']:.3g} | {p['cv_auroc']:.3f} | {test} | {diff} |")
     lines += ["", "Online evaluation during pretraining (teacher class token, pool -> test):", ""]
     lines += [

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from chexfound_jax.data import classification
@@ -65,4 +66,6 @@ def train(
         batch = batches[i]
         params, opt_state, loss = step(params, opt_state, batch["image"], batch["labels"][:, 0], keys[i])
         losses.append(float(loss))
+        if (i + 1) % 50 == 0 or i + 1 == cfg.steps:
+            logging.info("supervised step %d/%d | loss %.4f", i + 1, cfg.steps, losses[-1])
     return jax.tree.map(np.asarray, nnx.to_pure_dict(params["backbone"])), losses
