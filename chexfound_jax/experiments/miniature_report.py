@@ -126,7 +126,7 @@ def write(workdir: epath.Path, results: dict, run_dir: epath.Path) -> epath.Path
         f"{results['config']['global_batch_size']}; pool {results['n_pool']} images, test {results['n_test']} "
         f"(patient split, seed {results['protocol']['split_seed']}). Machine: {m['cpu']}, {m['cores']} cores, "
         f"jax {m['jax']}. Time: prepare {t['prepare_s']:.0f} s, pretraining {t['pretrain_s']:.0f} s, probes "
-        f"{t['probes_s']:.0f} s.",
+        f"{t['probes_s']:.0f} s (the probes, and the supervised baseline's training).",
         "",
         "| arm | pretraining step | C (5-fold CV) | CV AUROC | test AUROC [95% CI] | vs random init [paired 95% CI] |",
         "|---|---|---|---|---|---|",

@@ -26,8 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
         attention_impl="auto",
         # What backward keeps of each block (models/vit.py REMAT_POLICIES): "none", "full", "dots", "offload".
         # "dots" (keep the weight matmuls' outputs, recompute the rest: ~5% more FLOPs) fits the official
-        # 10 images per chip on every TPU measured, 16 GiB v5e included (docs/compile_check.md); "full"
-        # (+25%) fits 64 per v5p chip in 24 GiB.
+        # 10 images per chip on every TPU measured, 16 GiB v5e included, and 64 per v5p chip in 83 GiB
+        # (docs/compile_check.md); "full" (+25%) fits 64 per v5p chip in 24 GiB.
         remat="dots",
     )
     c.crops = dict(
