@@ -272,9 +272,12 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
         logging.info("resumed from step %d in %s", start, ckpt.directory)
     online = None
     if cfg.eval_online.every:
-        online = OnlineEval(
-            cfg.eval_online, training.model_cfg.backbone, training.mesh, training.rules, cfg.crops.global_crops_size
-        )
+        try:
+            online = OnlineEval(
+                cfg.eval_online, training.model_cfg.backbone, training.mesh, training.rules, cfg.crops.global_crops_size
+            )
+        except (ValueError, FileNotFoundError) as e:  # a task or dataset that does not fit: one line, not a trace
+            raise ConfigError(f"eval_online: {e}") from e
         if start == 0:
             evaluate_online(online, 0, state, writer, lead)  # the initialisation: where the curves start
     # One local batch, made in this process (no worker start-up), tells the keys and ranks to shard.

@@ -67,6 +67,16 @@ def test_config_errors_name_the_key(dataset):
     with pytest.raises(pretrain.ConfigError, match=r"global_crops_size 128 is larger than the images of .* \(96 px\)"):
         pretrain.validate(cfg, 8)
     cfg = config(dataset)
+    cfg.eval_online.every = 5
+    with pytest.raises(pretrain.ConfigError, match="eval_online.datasets is empty"):
+        pretrain.validate(cfg, 8)
+    cfg.eval_online.datasets = ("/nonexistent/labelled",)
+    with pytest.raises(pretrain.ConfigError, match="eval_online.datasets: /nonexistent/labelled does not exist"):
+        pretrain.validate(cfg, 8)
+    cfg.eval_online.every = -1
+    with pytest.raises(pretrain.ConfigError, match="eval_online.every must be >= 0"):
+        pretrain.validate(cfg, 8)
+    cfg = config(dataset)
     cfg.train.update(global_batch_size=8, batch_groups=8)
     warnings = pretrain.validate(cfg, 8)
     assert any("global_batch_size 8 is small" in w for w in warnings)
