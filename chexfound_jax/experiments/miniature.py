@@ -186,6 +186,13 @@ def statistics_arm(dataset: epath.Path, protocol: Protocol) -> dict:
     return {"step": 0, "linear": probe}
 
 
+def probe_backbone(vit_cfg: Any, backbone: dict, data: dict, protocol: Protocol) -> dict[str, Any]:
+    """The linear probe of one backbone's features on the pool (train) and the test set of `data`."""
+    feats = {s: probe_features(vit_cfg, backbone, data[s][0], protocol.embed_batch) for s in ("train", "test")}
+    pool, test = data["train"], data["test"]
+    return linear_probe((feats["train"], pool[1], pool[2]), (feats["test"], test[1]), protocol)
+
+
 def load_split(dataset: epath.Path, image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """{split: (preprocessed images, labels (N,), patient ids)} for the pool (train) and the test set."""
     tables = tasks.load_task([dataset], TASK, ("train", "test"))
@@ -208,10 +215,7 @@ def evaluate_arms(cfg: Any, dataset: epath.Path, run_dir: epath.Path, out: epath
             results[name] = json.loads(cache.read_text())
             continue
         t0 = time.perf_counter()
-        feats = {s: probe_features(vit_cfg, backbone, data[s][0], protocol.embed_batch) for s in ("train", "test")}
-        probe = linear_probe(
-            (feats["train"], data["train"][1], data["train"][2]), (feats["test"], data["test"][1]), protocol
-        )
+        probe = probe_backbone(vit_cfg, backbone, data, protocol)
         results[name] = {"step": step, "linear": probe, "seconds": round(time.perf_counter() - t0, 1)}
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(results[name]))
@@ -247,9 +251,7 @@ def supervised_arm(cfg: Any, dataset: epath.Path, data: dict, out: epath.Path, p
     backbone, losses = supervised.train(
         vit_cfg, classification.LabelledRecords([dataset], [table]), cfg.crops.global_crops_size, sup
     )
-    feats = {s: probe_features(vit_cfg, backbone, data[s][0], protocol.embed_batch) for s in ("train", "test")}
-    pool, test = data["train"], data["test"]
-    probe = linear_probe((feats["train"], pool[1], pool[2]), (feats["test"], test[1]), protocol)
+    probe = probe_backbone(vit_cfg, backbone, data, protocol)
     result = {"step": sup.steps, "linear": probe, "train_loss": losses, "seconds": round(time.perf_counter() - t0, 1)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result))
