@@ -9,7 +9,7 @@ import jax
 import pytest
 from etils import epath
 
-from chexfound_jax.experiments import miniature
+from chexfound_jax.experiments import head_probe, miniature
 from configs.pretrain import tiny_cpu
 
 BUNDLED = miniature.DEFAULT_DATA
@@ -41,7 +41,10 @@ def config():
 
 
 def test_miniature_runs_end_to_end_and_resumes(data, tmp_path):
-    protocol = miniature.Protocol(n_bootstrap=50, supervised_steps=3, supervised_batch=4)
+    glori = head_probe.HeadProbe(
+        lrs=(1e-3, 1e-2), epochs=2, batch_size=8, n_last_blocks=2, decoder_dim=16, num_heads=2, ffn_dim=32
+    )
+    protocol = miniature.Protocol(n_bootstrap=50, supervised_steps=3, supervised_batch=4, glori=glori)
     results = miniature.run(config(), tmp_path, data, protocol, devices=jax.devices()[:1])  # one: compiles faster
 
     split = list(csv.DictReader((tmp_path / "labels_split.csv").open()))
@@ -54,17 +57,23 @@ def test_miniature_runs_end_to_end_and_resumes(data, tmp_path):
 
     assert set(results["arms"]) == {"random_init", "teacher_2", "teacher_4", "supervised", "image_statistics"}
     assert len(results["arms"]["supervised"]["train_loss"]) == 3
+    with_glori = {name for name, arm in results["arms"].items() if "glori" in arm}
+    assert with_glori == {"random_init", "teacher_4", "supervised"}  # random init, the last teacher, supervised
     for arm in results["arms"].values():
-        probe = arm["linear"]
-        assert probe["C"] in miniature.OFFICIAL_C_GRID and 0 <= probe["test_auroc"] <= 1
-        lo, hi = probe["test_auroc_ci"]
-        assert lo <= probe["test_auroc"] <= hi and len(probe["scores"]) == results["n_test"]
-    same = results["arms"]["random_init"]["linear"]["vs_random_init"]
-    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
+        for name in ("linear", "linear_std", "glori"):
+            if name not in arm:
+                continue
+            probe = arm[name]
+            assert probe["C"] in miniature.OFFICIAL_C_GRID if name != "glori" else probe["lr"] in glori.lrs
+            lo, hi = probe["test_auroc_ci"]
+            assert 0 <= lo <= probe["test_auroc"] <= hi <= 1 and len(probe["scores"]) == results["n_test"]
+            same = results["arms"]["random_init"][name]["vs_random_init"]
+            assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
     assert [r["step"] for r in results["knn_curve"]] == [0, 2, 4]
 
     report = (tmp_path / "report.md").read_text()
-    assert "| teacher_4 | 4 |" in report and "![online.png](online.png)" in report
+    assert report.count("| teacher_4 | 4 |") == 3 and report.count("| teacher_2 | 2 |") == 2  # GLoRI: the last one
+    assert "### GLoRI probe" in report and "![online.png](online.png)" in report
     for png in ("losses.png", "teacher_entropy.png", "online.png", "roc.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

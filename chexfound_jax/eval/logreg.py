@@ -1,10 +1,11 @@
 """L2-regularised logistic regression on frozen features, and its C chosen by patient-grouped cross-validation.
 
 The objective is scikit-learn's (`LogisticRegression(C=C)`): 0.5 ||w||^2 + C * sum(log-loss), the
-intercept not penalised, minimised by Newton's method with a backtracking line search in float64. Features
-are standardised with the training rows' mean and std first (the official logistic-regression protocol
-does the same through its pipeline). Newton needs a handful of (D+1)^2 solves, exact to the tolerance
-for the few thousand rows and hundreds of dimensions probed here.
+intercept not penalised, minimised by Newton's method with a backtracking line search in float64. The
+official protocol (DINOv2's eval/log_regression.py) fits the features as they come; `standardize=True`
+first scales each dimension by the training rows' mean and std (which lets the penalty see directions of
+tiny variance, such as a nearly constant class token's). Newton needs a handful of (D+1)^2 solves, exact
+to the tolerance for the few thousand rows and hundreds of dimensions probed here.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from chexfound_jax.eval import metrics
 
 @dataclasses.dataclass(frozen=True)
 class LogisticModel:
-    mean: np.ndarray  # (D,) standardisation of the training features
+    mean: np.ndarray  # (D,) standardisation of the training features (0 and 1 without it)
     std: np.ndarray
-    w: np.ndarray  # (D,) on standardised features
+    w: np.ndarray  # (D,) on (x - mean) / std
     b: float
 
     def decision(self, x: np.ndarray) -> np.ndarray:
@@ -37,14 +38,16 @@ def _objective(z: np.ndarray, y: np.ndarray, theta: np.ndarray, c: float) -> flo
     return 0.5 * theta[:-1] @ theta[:-1] + c * np.sum(np.logaddexp(0.0, margin) - y * margin)
 
 
-def fit(x: np.ndarray, y: np.ndarray, c: float, *, max_iter: int = 100, tol: float = 1e-10) -> LogisticModel:
+def fit(
+    x: np.ndarray, y: np.ndarray, c: float, *, standardize: bool = False, max_iter: int = 100, tol: float = 1e-10
+) -> LogisticModel:
     """The minimiser for labels y in {0, 1}; stops when the Newton decrement is below `tol`."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(np.unique(y)) != 2 or not np.all((y == 0) | (y == 1)):
         raise ValueError("logistic regression needs labels 0 and 1, both present")
     if c <= 0:
         raise ValueError(f"C must be positive, got {c}")
-    mean, std = x.mean(0), x.std(0) + 1e-12
+    mean, std = (x.mean(0), x.std(0) + 1e-12) if standardize else (np.zeros(x.shape[1]), np.ones(x.shape[1]))
     z = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
     reg = np.ones(z.shape[1])
     reg[-1] = 0.0  # the intercept is not penalised
@@ -84,18 +87,22 @@ def grouped_folds(groups: Sequence, n_folds: int, seed: int) -> np.ndarray:
     return fold_of_group[inverse.reshape(-1)]
 
 
-def cross_validated_auroc(x: np.ndarray, y: np.ndarray, folds: np.ndarray, c: float) -> float:
+def cross_validated_auroc(
+    x: np.ndarray, y: np.ndarray, folds: np.ndarray, c: float, *, standardize: bool = False
+) -> float:
     """Mean AUROC over folds of a model fitted on the other folds (folds lacking a class are skipped)."""
     scores = []
     for f in np.unique(folds):
         test, train = folds == f, folds != f
         if len(np.unique(y[test])) == 2 and len(np.unique(y[train])) == 2:
-            scores.append(metrics.auroc(y[test], fit(x[train], y[train], c).decision(x[test])))
+            scores.append(metrics.auroc(y[test], fit(x[train], y[train], c, standardize=standardize).decision(x[test])))
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def select_c(x: np.ndarray, y: np.ndarray, folds: np.ndarray, cs: Sequence[float]) -> tuple[float, list[float]]:
+def select_c(
+    x: np.ndarray, y: np.ndarray, folds: np.ndarray, cs: Sequence[float], *, standardize: bool = False
+) -> tuple[float, list[float]]:
     """(best C, the cross-validated AUROC of every C); ties go to the smaller C (the stronger penalty)."""
-    cv = [cross_validated_auroc(x, y, folds, c) for c in cs]
+    cv = [cross_validated_auroc(x, y, folds, c, standardize=standardize) for c in cs]
     best = max(range(len(cs)), key=lambda i: (np.nan_to_num(cv[i], nan=-1.0), -cs[i]))
     return float(cs[best]), cv

@@ -11,11 +11,16 @@ r"""CheXFound in miniature: does the recipe learn on real chest X-rays? One comm
 3. The same probe code scores every arm: the ViT at its random initialisation (the run's own step-0
    teacher), the teacher at each export, and the same ViT trained from scratch on the pool's labels
    (chexfound_jax.experiments.supervised); and, as the floor to beat, a probe on image statistics alone
-   (aspect ratio and intensity histogram). Linear probe: L2 logistic regression on [class token,
-   mean patch token] of the last block, C from the official 45-value grid chosen by patient-grouped
-   5-fold cross-validation inside the pool, refitted on the whole pool, scored on the test set: AUROC
-   with a bootstrap 95% CI, and against the random initialisation the paired bootstrap CI of the
-   difference (the same test images resampled for both).
+   (aspect ratio and intensity histogram). Probes, all trained on the pool with their hyper-parameter
+   chosen by patient-grouped 5-fold cross-validation inside it, scored on the test set (AUROC with a
+   bootstrap 95% CI; against the random initialisation, the paired bootstrap CI of the difference, the
+   same test images resampled for both):
+   - `linear`: the official logistic regression (DINOv2's eval/log_regression.py) on the final-norm
+     class token as it comes, C from its 45-value grid;
+   - `linear_std`: the same on [class token, mean patch token] with every dimension standardised, a
+     probe that also reads directions of tiny variance (a random ViT's nearly constant class token);
+   - `glori`: the GLoRI head (chexfound_jax.experiments.head_probe) on the random initialisation, the
+     last teacher and the supervised model.
 
 Writes DIR/results.json and DIR/report.md with its plots. Every stage keeps its outputs, so a rerun (or a
 run killed part way) picks up where it stopped; the stage times add up over the invocations (timings.json).
@@ -37,12 +42,11 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from chexfound_jax import embed, pretrain
+from chexfound_jax import pretrain
 from chexfound_jax.data import classification
 from chexfound_jax.eval import logreg, metrics, tasks
-from chexfound_jax.experiments import supervised
+from chexfound_jax.experiments import head_probe, supervised
 from chexfound_jax.models import weights
-from chexfound_jax.models.build import model_from_params
 from chexfound_jax.train import recipe
 from chexfound_jax.train import state as state_lib
 
@@ -51,11 +55,17 @@ DEFAULT_DATA = REPO / "tests" / "data" / "kermany_pediatric_pneumonia"
 DEFAULT_CONFIG = REPO / "configs" / "pretrain" / "mini_cpu.py"
 DATASET = "miniature"
 OFFICIAL_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))  # the official logistic-regression sweep
+PROBES = ("linear", "linear_std", "glori")
 TASK = tasks.TaskSpec(
     name="miniature",
     class_names=("label",),
     splits={"train": tasks.SplitRule("train"), "test": tasks.SplitRule("test")},
 )
+
+# GLoRI, the official recipe shrunk to CPU: decoder 192 wide (4 heads, FFN 512) instead of 768, four of the
+# official learning rates, 30 epochs instead of 100 (the official 100 epochs x 13 lrs x 6 fits would take
+# hours per arm on 2 cores).
+MINI_GLORI = head_probe.HeadProbe(lrs=(2e-4, 1e-3, 5e-3, 2e-2), epochs=30, decoder_dim=192, num_heads=4, ffn_dim=512)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +78,8 @@ class Protocol:
     embed_batch: int = 32
     supervised_steps: int = 400  # the supervised-from-scratch arm (0: left out)
     supervised_batch: int = 16
+    glori: head_probe.HeadProbe = MINI_GLORI
+    glori_arms: bool = True  # GLoRI on random init, the last teacher and the supervised model
 
 
 # --- 1. data -----------------------------------------------------------------------------------------
@@ -142,21 +154,26 @@ def arms(cfg: Any, run_dir: epath.Path) -> dict[str, tuple[int, dict]]:
     return out
 
 
-def probe_features(vit_cfg: Any, backbone: dict, images: np.ndarray, batch: int) -> np.ndarray:
-    """[class token, mean patch token] of the last block (normalised), the linear probe's input."""
-    model = model_from_params(vit_cfg.replace(drop_path_rate=0.0), backbone)
-    out = embed.embed_arrays(model, images, batch, n_last_blocks=1)
-    return np.concatenate([out["cls_token"], out["patch_tokens"].mean(axis=1)], axis=1)
+def probe_features(vit_cfg: Any, backbone: dict, images: np.ndarray, protocol: Protocol) -> dict[str, np.ndarray]:
+    """The heads' inputs of the last `glori.n_last_blocks` blocks (final norm), and the linear probes'
+    inputs: "last_cls" (the last block's class token) and "cls_mean_patch" ([that, mean patch token])."""
+    feats = head_probe.head_features(vit_cfg, backbone, images, protocol.glori.n_last_blocks, protocol.embed_batch)
+    last_cls = feats["cls"][:, -vit_cfg.embed_dim :]
+    return {**feats, "last_cls": last_cls, "cls_mean_patch": np.concatenate([last_cls, feats["avgpool"]], axis=1)}
 
 
 def linear_probe(
-    train: tuple[np.ndarray, np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], protocol: Protocol
+    train: tuple[np.ndarray, np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    protocol: Protocol,
+    *,
+    standardize: bool = False,
 ) -> dict[str, Any]:
     """C by patient-grouped CV inside the pool, refitted on all of it; test AUROC with its bootstrap CI."""
     x, y, patients = train
     folds = logreg.grouped_folds(patients, protocol.folds, protocol.split_seed)
-    c, cv = logreg.select_c(x, y, folds, OFFICIAL_C_GRID)
-    scores = logreg.fit(x, y, c).decision(test[0])
+    c, cv = logreg.select_c(x, y, folds, OFFICIAL_C_GRID, standardize=standardize)
+    scores = logreg.fit(x, y, c, standardize=standardize).decision(test[0])
     result = metrics.binary_metrics(test[1], scores, n_bootstrap=protocol.n_bootstrap, seed=protocol.bootstrap_seed)
     auc = result["macro"]
     return {"C": c, "cv_auroc": max(v for v in cv if np.isfinite(v)), "test_auroc": auc["auroc"],
@@ -172,7 +189,7 @@ def image_statistics(image: np.ndarray, bins: int = 32) -> np.ndarray:
 
 
 def statistics_arm(dataset: epath.Path, protocol: Protocol) -> dict:
-    """The linear probe on image_statistics alone: the size of the image-statistics cue."""
+    """The linear probes on image_statistics alone: the size of the image-statistics cue."""
     tables = tasks.load_task([dataset], TASK, ("train", "test"))
     feats = {}
     for name, table in tables.items():
@@ -181,16 +198,30 @@ def statistics_arm(dataset: epath.Path, protocol: Protocol) -> dict:
             np.stack([image_statistics(records.image(i)) for i in range(len(records))]),
             records.labels[:, 0],
         )
-    patients = np.asarray(tables["train"].patient_id)
-    probe = linear_probe((*feats["train"], patients), feats["test"], protocol)
-    return {"step": 0, "linear": probe}
+    train = (*feats["train"], np.asarray(tables["train"].patient_id))
+    return {
+        "step": 0,
+        "linear": linear_probe(train, feats["test"], protocol),
+        "linear_std": linear_probe(train, feats["test"], protocol, standardize=True),
+    }
 
 
-def probe_backbone(vit_cfg: Any, backbone: dict, data: dict, protocol: Protocol) -> dict[str, Any]:
-    """The linear probe of one backbone's features on the pool (train) and the test set of `data`."""
-    feats = {s: probe_features(vit_cfg, backbone, data[s][0], protocol.embed_batch) for s in ("train", "test")}
-    pool, test = data["train"], data["test"]
-    return linear_probe((feats["train"], pool[1], pool[2]), (feats["test"], test[1]), protocol)
+def probe_backbone(vit_cfg: Any, backbone: dict, data: dict, protocol: Protocol, glori: bool) -> dict[str, Any]:
+    """The probes of one backbone's features, fitted on the pool (train), scored on the test set of `data`."""
+    feats = {s: probe_features(vit_cfg, backbone, data[s][0], protocol) for s in ("train", "test")}
+    (_, y, patients), y_test = data["train"], data["test"][1]
+
+    def linear(key: str, standardize: bool) -> dict:
+        return linear_probe((feats["train"][key], y, patients), (feats["test"][key], y_test), protocol,
+                            standardize=standardize)  # fmt: skip
+
+    out = {"linear": linear("last_cls", False), "linear_std": linear("cls_mean_patch", True)}
+    if glori:
+        out["glori"] = head_probe.glori_probe(
+            (feats["train"], y, patients), (feats["test"], y_test), protocol.glori,
+            n_bootstrap=protocol.n_bootstrap, bootstrap_seed=protocol.bootstrap_seed,
+        )  # fmt: skip
+    return out
 
 
 def load_split(dataset: epath.Path, image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -205,35 +236,37 @@ def load_split(dataset: epath.Path, image_size: int) -> dict[str, tuple[np.ndarr
 
 
 def evaluate_arms(cfg: Any, dataset: epath.Path, run_dir: epath.Path, out: epath.Path, protocol: Protocol) -> dict:
-    """The linear probe of every arm (cached per arm in out/probes/<arm>.json)."""
+    """The probes of every arm (cached per arm in out/probes/<arm>.json)."""
     data = load_split(dataset, cfg.crops.global_crops_size)
     vit_cfg = recipe.model_config(cfg).backbone
     results = {}
-    for name, (step, backbone) in arms(cfg, run_dir).items():
+    pretrained = arms(cfg, run_dir)
+    last = max(pretrained, key=lambda n: pretrained[n][0])
+    for name, (step, backbone) in pretrained.items():
         cache = out / "probes" / f"{name}.json"
         if cache.exists():
             results[name] = json.loads(cache.read_text())
             continue
         t0 = time.perf_counter()
-        probe = probe_backbone(vit_cfg, backbone, data, protocol)
-        results[name] = {"step": step, "linear": probe, "seconds": round(time.perf_counter() - t0, 1)}
+        glori = protocol.glori_arms and name in ("random_init", last)
+        results[name] = {"step": step, **probe_backbone(vit_cfg, backbone, data, protocol, glori)}
+        results[name]["seconds"] = round(time.perf_counter() - t0, 1)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(results[name]))
-        logging.info("%s: linear probe test AUROC %.3f (C %.3g)", name, probe["test_auroc"], probe["C"])
+        logging.info("%s: %s", name, _summary(results[name]))
     if "image_statistics" not in results:
         results["image_statistics"] = statistics_arm(dataset, protocol)
     if protocol.supervised_steps and "supervised" not in results:
         results["supervised"] = supervised_arm(cfg, dataset, data, out, protocol)
     y_test = data["test"][1]
-    base = np.asarray(results["random_init"]["linear"]["scores"])
-    for r in results.values():
-        r["linear"]["vs_random_init"] = metrics.paired_auroc_difference(
-            y_test,
-            np.asarray(r["linear"]["scores"]),
-            base,
-            n_bootstrap=protocol.n_bootstrap,
-            seed=protocol.bootstrap_seed,
-        )
+    for probe in PROBES:
+        base = np.asarray(results["random_init"][probe]["scores"]) if probe in results["random_init"] else None
+        for r in results.values():
+            if base is not None and probe in r:
+                r[probe]["vs_random_init"] = metrics.paired_auroc_difference(
+                    y_test, np.asarray(r[probe]["scores"]), base,
+                    n_bootstrap=protocol.n_bootstrap, seed=protocol.bootstrap_seed,
+                )  # fmt: skip
     return {"arms": results, "test_labels": y_test.tolist(), "n_pool": len(data["train"][1]), "n_test": len(y_test)}
 
 
@@ -251,12 +284,16 @@ def supervised_arm(cfg: Any, dataset: epath.Path, data: dict, out: epath.Path, p
     backbone, losses = supervised.train(
         vit_cfg, classification.LabelledRecords([dataset], [table]), cfg.crops.global_crops_size, sup
     )
-    probe = probe_backbone(vit_cfg, backbone, data, protocol)
-    result = {"step": sup.steps, "linear": probe, "train_loss": losses, "seconds": round(time.perf_counter() - t0, 1)}
+    probes = probe_backbone(vit_cfg, backbone, data, protocol, protocol.glori_arms)
+    result = {"step": sup.steps, **probes, "train_loss": losses, "seconds": round(time.perf_counter() - t0, 1)}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(result))
-    logging.info("supervised: linear probe test AUROC %.3f (C %.3g)", probe["test_auroc"], probe["C"])
+    logging.info("supervised: %s", _summary(result))
     return result
+
+
+def _summary(arm: dict) -> str:
+    return ", ".join(f"{p} test AUROC {arm[p]['test_auroc']:.3f}" for p in PROBES if p in arm)
 
 
 # --- the run -----------------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ from matplotlib.figure import Figure
 from chexfound_jax.eval import metrics
 
 LOSS_TERMS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+PROBE_TITLES = {
+    "linear": "Linear probe: the official logistic regression on the final-norm class token (C by 5-fold CV)",
+    "linear_std": "Linear probe on [class token, mean patch token], every dimension standardised (C by 5-fold CV)",
+    "glori": "GLoRI probe on the last 4 blocks (lr by 5-fold CV)",
+}
 
 
 def machine() -> dict[str, Any]:
@@ -76,27 +81,36 @@ def plot_online(results: dict, out: epath.Path) -> str:
     arms = sorted(
         (a for n, a in results["arms"].items() if n.startswith(("teacher", "random"))), key=lambda a: a["step"]
     )
-    auc = np.array([a["linear"]["test_auroc"] for a in arms])
-    ci = np.array([a["linear"]["test_auroc_ci"] for a in arms]).T
-    ax.errorbar(
-        [a["step"] for a in arms], auc, yerr=np.abs(ci - auc), fmt="D", capsize=3, label="linear probe (95% CI)"
-    )
+    for probe, marker in (("linear", "D"), ("linear_std", "^")):
+        auc = np.array([a[probe]["test_auroc"] for a in arms])
+        ci = np.array([a[probe]["test_auroc_ci"] for a in arms]).T
+        ax.errorbar(
+            [a["step"] for a in arms],
+            auc,
+            yerr=np.abs(ci - auc),
+            fmt=marker,
+            capsize=3,
+            label=f"{probe} probe (95% CI)",
+        )
     ax.set(xlabel="pretraining step", ylabel="AUROC (held-out test)", title="does the teacher learn?")
     ax.legend(fontsize=8)
     return _save(fig, out / "online.png")
 
 
 def plot_roc(results: dict, out: epath.Path, names: list[str]) -> str:
+    """roc.png: test ROC curves of `names`, one panel per probe they all have."""
     y = np.asarray(results["test_labels"])
-    fig = Figure(figsize=(4.8, 4.8))
-    ax = fig.add_subplot()
-    for name in names:
-        scores = np.asarray(results["arms"][name]["linear"]["scores"])
-        fpr, tpr, _ = metrics.roc_curve(y, scores)
-        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUROC {metrics.auroc(y, scores):.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="linear probe on the test set")
-    ax.legend(loc="lower right", fontsize=8)
+    probes = [p for p in PROBE_TITLES if all(p in results["arms"][n] for n in names)]
+    fig = Figure(figsize=(4.8 * len(probes), 4.8))
+    for i, probe in enumerate(probes):
+        ax = fig.add_subplot(1, len(probes), i + 1)
+        for name in names:
+            scores = np.asarray(results["arms"][name][probe]["scores"])
+            fpr, tpr, _ = metrics.roc_curve(y, scores)
+            ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUROC {metrics.auroc(y, scores):.3f})")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{probe} probe, test set")
+        ax.legend(loc="lower right", fontsize=8)
     return _save(fig, out / "roc.png")
 
 
@@ -110,6 +124,22 @@ def _ci(ci: list[float] | None) -> str:
     return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _probe_table(probe: str, arms: list[tuple[str, dict]]) -> list[str]:
+    """One probe's rows: hyper-parameter, CV and test AUROC, and the paired difference to random init."""
+    param = "lr" if probe == "glori" else "C"
+    lines = [
+        f"| arm | pretraining step | {param} | CV AUROC | test AUROC [95% CI] | vs random init [paired 95% CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, a in arms:
+        p = a[probe]
+        d = p["vs_random_init"]
+        test, diff = f"{p['test_auroc']:.3f}{_ci(p['test_auroc_ci'])}", f"{d['difference']:+.3f}{_ci(d['ci'])}"
+        step = {"supervised": f"({a['step']} supervised)", "image_statistics": "—"}.get(name, a["step"])
+        lines.append(f"| {name} | {step} | {p[param]:.3g} | {p['cv_auroc']:.3f} | {test} | {diff} |")
+    return lines
+
+
 def write(workdir: epath.Path, results: dict, run_dir: epath.Path) -> epath.Path:
     """report.md with the comparison table, the kNN curve and the plots."""
     pretrained = _pretrained(results)
@@ -120,23 +150,16 @@ def write(workdir: epath.Path, results: dict, run_dir: epath.Path) -> epath.Path
     plots.append(plot_roc(results, workdir, compared + (["supervised"] if "supervised" in results["arms"] else [])))
     m, t = results["machine"], results["timings_s"]
     lines = [
-        "# CheXFound in miniature: linear probe on held-out paediatric X-rays",
+        "# CheXFound in miniature: probes on held-out paediatric X-rays",
         "",
         f"{results['config']['arch']}, {results['config']['steps']} steps at batch "
         f"{results['config']['global_batch_size']}; pool {results['n_pool']} images, test {results['n_test']} "
         f"(patient split, seed {results['protocol']['split_seed']}). Machine: {m['cpu']}, {m['cores']} cores, "
         f"jax {m['jax']}. Time: prepare {t['prepare_s']:.0f} s, pretraining {t['pretrain_s']:.0f} s, probes "
         f"{t['probes_s']:.0f} s (the probes, and the supervised baseline's training).",
-        "",
-        "| arm | pretraining step | C (5-fold CV) | CV AUROC | test AUROC [95% CI] | vs random init [paired 95% CI] |",
-        "|---|---|---|---|---|---|",
     ]
-    for name, a in arms:
-        p = a["linear"]
-        d = p["vs_random_init"]
-        test, diff = f"{p['test_auroc']:.3f}{_ci(p['test_auroc_ci'])}", f"{d['difference']:+.3f}{_ci(d['ci'])}"
-        step = {"supervised": f"({a['step']} supervised)", "image_statistics": "—"}.get(name, a["step"])
-        lines.append(f"| {name} | {step} | {p['C']:.3g} | {p['cv_auroc']:.3f} | {test} | {diff} |")
+    for probe, title in PROBE_TITLES.items():
+        lines += ["", f"### {title}", "", *_probe_table(probe, [(n, a) for n, a in arms if probe in a])]
     lines += ["", "Online evaluation during pretraining (teacher class token, pool -> test):", ""]
     lines += [
         "| step | kNN AUROC | kNN accuracy | ridge AUROC | feature std | effective rank |",
