@@ -1,6 +1,7 @@
 r"""CheXFound in miniature: does the recipe learn on real chest X-rays? One command, resumable.
 
   python -m chexfound_jax.experiments.miniature --workdir=DIR [--data=DIR] [--config.optim.epochs=...]
+      [--supervised_steps=0] [--noglori]   # ablations: linear probes of the pretrained arms only
 
 1. The labelled images (default: the 400 paediatric X-rays bundled in tests/data) are split once by
    patient (seeded) into a pretraining pool (80%) and a held-out test set (20%), and built into data_prep
@@ -357,13 +358,16 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Pretraining config (default: mini_cpu).")
     flags.DEFINE_string("workdir", None, "Output directory (resumable).", required=True)
     flags.DEFINE_string("data", str(DEFAULT_DATA), "Folder with labels.csv (file, label, patient_id) and images.")
+    flags.DEFINE_integer("supervised_steps", Protocol.supervised_steps, "Steps of the supervised arm (0: none).")
+    flags.DEFINE_bool("glori", Protocol.glori_arms, "GLoRI probes (--noglori: linear probes only, for ablations).")
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        run(flags.FLAGS.config, epath.Path(flags.FLAGS.workdir), epath.Path(flags.FLAGS.data))
+        protocol = Protocol(supervised_steps=flags.FLAGS.supervised_steps, glori_arms=flags.FLAGS.glori)
+        run(flags.FLAGS.config, epath.Path(flags.FLAGS.workdir), epath.Path(flags.FLAGS.data), protocol)
     except (pretrain.ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"miniature: {e}") from None
 
