@@ -13,7 +13,8 @@ import pytest
 from etils import epath
 from helpers import run_processes
 
-from chexfound_jax.data import augment, pipeline, preprocess
+from chexfound_jax.data import augment, collate, pipeline, preprocess
+from chexfound_jax.ssl import masking
 from chexfound_jax.train import recipe
 from configs.pretrain import tiny_cpu
 from data_prep import local_runner, records, writers
@@ -79,6 +80,27 @@ def test_batch_layout_and_dtypes(dataset):
     # Host photometry gives the train step's float crops directly.
     host = next(iter(pipeline.training_dataset(config(dataset, photometric="host"), layout, process_index=0)))
     assert host["global_crops"].shape == spec["global_crops"].shape and host["global_crops"].dtype == np.float32
+
+
+def test_ibot_blocks_are_capped_as_the_official_train_py(dataset, monkeypatch):
+    """Official train.py caps each mask block at `0.5 * size // patch * size // patch` patches: 10 at 80 px
+    and patch 16 (and 210 at 336), not half the grid (12.5, 220.5)."""
+    seen, real = [], masking.collate_masks
+
+    def spy(rng, n, grid, **kwargs):
+        if grid == (5, 5):  # this test's batches (other tests' pipelines may still be prefetching)
+            seen.append(kwargs["max_num_patches"])
+        return real(rng, n, grid, **kwargs)
+
+    monkeypatch.setattr(masking, "collate_masks", spy)
+    cfg = config(dataset)
+    cfg.crops.global_crops_size = 80
+    layout = pipeline.train_layout(cfg, num_batch_shards=4, process_count=1)
+    next(iter(pipeline.training_dataset(cfg, layout, process_index=0)))
+    assert len(seen) >= 4 and set(seen) == {10.0}  # every group of the batch (and those prefetched)
+    seen.clear()
+    collate.collate(np.zeros((1, 4, 80, 80, 3)), np.zeros((1, 8, 32, 32, 3)), np.random.default_rng(0), cfg)
+    assert seen == [10.0]
 
 
 def test_crop_major_layout_matches_the_official_collate():

@@ -23,6 +23,7 @@ def collate(global_crops: np.ndarray, local_crops: np.ndarray, rng: np.random.Ge
             mask_ratio=tuple(cfg.ibot.mask_ratio_min_max),
             mask_probability=cfg.ibot.mask_sample_probability,
             max_masked_tokens=limit,
+            max_num_patches=masking.official_max_num_patches(cfg.crops.global_crops_size, cfg.model.patch_size),
         )
         for _ in range(groups)
     ]

@@ -212,6 +212,7 @@ def _group(examples: Sequence[dict], cfg: Any) -> dict:
         mask_ratio=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
         max_masked_tokens=recipe.max_masked_tokens(cfg, two_b // 2),
+        max_num_patches=masking.official_max_num_patches(cfg.crops.global_crops_size, cfg.model.patch_size),
     )
     out |= {k: masks[k] for k in MASK_KEYS}
     out["skipped"] = np.int32(stacked["skipped"].sum())
