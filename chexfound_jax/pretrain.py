@@ -156,8 +156,15 @@ class Preemption:
         self.requested = True
 
 
+def _is_schedule_count(x: Any) -> bool:
+    """An optax state holding only a step count: the lr and weight-decay schedules' (Adam's carries moments)."""
+    return getattr(x, "_fields", None) == ("count",)
+
+
 def guarded_step(step_fn, on_nonfinite: str):
-    """With on_nonfinite="skip", a step whose loss or gradient norm is not finite leaves the state unchanged."""
+    """With on_nonfinite="skip", a step whose loss or gradient norm is not finite leaves the parameters and
+    Adam's moments and bias-correction count unchanged, while every schedule stays on the step count, as
+    the official loop (schedules indexed by the iteration; GradScaler skips optimizer.step) does."""
     if on_nonfinite != "skip":
         return step_fn
 
@@ -165,7 +172,10 @@ def guarded_step(step_fn, on_nonfinite: str):
         new, m = step_fn(state, batch)
         ok = jnp.isfinite(m["total_loss"]) & jnp.isfinite(m["grad_norm"])
         kept = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-        kept = kept.replace(step=new.step)  # the step counter always advances, so schedules stay aligned
+        opt_state = jax.tree.map(
+            lambda k, n: n if _is_schedule_count(k) else k, kept.opt_state, new.opt_state, is_leaf=_is_schedule_count
+        )
+        kept = kept.replace(step=new.step, opt_state=opt_state)  # teacher momentum and temperature follow step
         return kept, {**m, "skipped_nonfinite": jnp.where(ok, 0, 1)}
 
     return step

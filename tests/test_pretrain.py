@@ -172,6 +172,40 @@ def test_nonfinite_loss_stops_or_skips(dataset, tmp_path):
     assert last["step"] == 8 and np.isfinite(last["total_loss"])
 
 
+def test_a_skipped_step_keeps_the_schedules_on_the_step_count():
+    """As the official loop: lr and weight decay are read at the iteration, while the skipped update moves
+    neither the parameters nor Adam (its moments and bias-correction count, as a GradScaler-skipped step)."""
+    import jax.numpy as jnp
+    import optax
+
+    from chexfound_jax.train.state import TrainState
+
+    lr = lambda count: -0.1 * (count + 1.0)
+    opt = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(lambda c: 0.01 * c), optax.scale_by_schedule(lr))
+    params = {"w": jnp.ones(3)}
+
+    def step_fn(state, grad):
+        updates, opt_state = opt.update({"w": grad}, state.opt_state, state.student)
+        student = optax.apply_updates(state.student, updates)
+        new = state.replace(step=state.step + 1, student=student, opt_state=opt_state)
+        return new, {"total_loss": grad.sum(), "grad_norm": jnp.linalg.norm(grad)}
+
+    opt_state = opt.init(params)
+    state = TrainState(step=jnp.int32(0), student=params, teacher=params, opt_state=opt_state, rng=None, centers={})
+    step = jax.jit(pretrain.guarded_step(step_fn, "skip"))
+    one, _ = step(state, jnp.ones(3))
+    two, m = step(one, jnp.full(3, jnp.nan))
+    assert int(m["skipped_nonfinite"]) == 1 and int(two.step) == 2
+    np.testing.assert_array_equal(two.student["w"], one.student["w"])
+    adam, decay, schedule = two.opt_state
+    assert int(adam.count) == 1 and int(decay.count) == 2 and int(schedule.count) == 2
+    np.testing.assert_array_equal(adam.mu["w"], one.opt_state[0].mu["w"])
+    three, _ = step(two, jnp.ones(3))
+    adam_update = 1.0 / (1.0 + 1e-8)  # the same gradient again: Adam's normalised step is 1 per coordinate
+    want = one.student["w"] + lr(2) * (adam_update + 0.01 * 2 * one.student["w"])  # the schedules at step 2
+    np.testing.assert_allclose(three.student["w"], want, rtol=1e-4)  # float32 bias corrections; lr(1) would be 30% off
+
+
 def cli(dataset, workdir, steps):
     return [
         sys.executable, "-m", "chexfound_jax.pretrain", "--config=configs/pretrain/tiny_cpu.py", f"--workdir={workdir}",
