@@ -36,13 +36,6 @@ from chexfound_jax.models import weights
 from chexfound_jax.models.build import model_from_params
 from chexfound_jax.models.vit import VisionTransformer
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A chexfound_jax weights directory (convert --to=jax).")
-_OUT = flags.DEFINE_string("out", None, "Output .npz file.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Resize/crop size; default: the backbone's img_size.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
-_N_LAST_BLOCKS = flags.DEFINE_integer("n_last_blocks", 4, "Blocks returned as last_blocks_*.", lower_bound=1)
-
 FEATURE_KEYS = ("cls_token", "register_tokens", "patch_tokens", "last_blocks_cls", "last_blocks_patch")
 
 
@@ -106,25 +99,36 @@ def embed_images(
     return {"paths": np.asarray([os.fspath(p) for p in paths], dtype=str), **features}
 
 
+def define_flags() -> None:
+    """The program's flags, defined only when it runs as a program (importing the module claims no flag names)."""
+    flags.DEFINE_string("checkpoint", None, "A chexfound_jax weights directory (convert --to=jax).")
+    flags.DEFINE_string("out", None, "Output .npz file.")
+    flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
+    flags.DEFINE_integer("image_size", None, "Resize/crop size; default: the backbone's img_size.")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
+    flags.DEFINE_integer("n_last_blocks", 4, "Blocks returned as last_blocks_*.", lower_bound=1)
+    flags.mark_flags_as_required(["checkpoint", "out"])
+
+
 def main(argv: list[str]) -> None:
     paths = argv[1:]
     if not paths:
         raise app.UsageError("no IMAGE given")
     try:
-        cfg = weights.load_config(_CHECKPOINT.value)
-        if _N_LAST_BLOCKS.value > cfg.backbone.depth:
-            raise app.UsageError(f"--n_last_blocks={_N_LAST_BLOCKS.value} exceeds the depth {cfg.backbone.depth}")
-        images = load_images(paths, _IMAGE_SIZE.value or cfg.backbone.img_size)
+        cfg = weights.load_config(flags.FLAGS.checkpoint)
+        if flags.FLAGS.n_last_blocks > cfg.backbone.depth:
+            raise app.UsageError(f"--n_last_blocks={flags.FLAGS.n_last_blocks} exceeds the depth {cfg.backbone.depth}")
+        images = load_images(paths, flags.FLAGS.image_size or cfg.backbone.img_size)
     except (preprocess.ImageError, FileNotFoundError) as e:
         sys.exit(f"embed: {e}")
-    cfg, params = weights.load_weights(_CHECKPOINT.value, dtype=_DTYPE.value)
+    cfg, params = weights.load_weights(flags.FLAGS.checkpoint, dtype=flags.FLAGS.dtype)
     model = model_from_params(cfg.backbone, params["backbone"])
-    features = embed_arrays(model, images, _BATCH_SIZE.value, _N_LAST_BLOCKS.value)
-    with open(_OUT.value, "wb") as f:  # np.savez(path) would append ".npz" to other names
+    features = embed_arrays(model, images, flags.FLAGS.batch_size, flags.FLAGS.n_last_blocks)
+    with open(flags.FLAGS.out, "wb") as f:  # np.savez(path) would append ".npz" to other names
         np.savez(f, paths=np.asarray(paths, dtype=str), **features)
-    logging.info("wrote %s: %d images, patch_tokens %s", _OUT.value, len(paths), features["patch_tokens"].shape)
+    logging.info("wrote %s: %d images, patch_tokens %s", flags.FLAGS.out, len(paths), features["patch_tokens"].shape)
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["checkpoint", "out"])
+    define_flags()
     app.run(main)

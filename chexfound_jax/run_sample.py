@@ -27,9 +27,6 @@ from chexfound_jax.models.build import model_from_params
 
 SAMPLE_DATA = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data"
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; one holding a previous run needs --overwrite.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the outputs of a previous sample run in --workdir.")
-_DATA = flags.DEFINE_string("data_dir", str(SAMPLE_DATA), "Bundled sample data (the repository's tests/data).")
 
 PRETRAIN_STEPS = 24
 # What a run writes under --workdir: all that --overwrite removes, and nothing else.
@@ -139,21 +136,29 @@ def evaluate_chain(workdir: epath.Path, steps: int = PRETRAIN_STEPS, epochs: int
     return evaluate.evaluate(cfg, str(export), workdir / "evaluate")
 
 
+def define_flags() -> None:
+    """The program's flags, defined only when it runs as a program (importing the module claims no flag names)."""
+    flags.DEFINE_string("workdir", None, "Output directory; one holding a previous run needs --overwrite.")
+    flags.DEFINE_bool("overwrite", False, "Replace the outputs of a previous sample run in --workdir.")
+    flags.DEFINE_string("data_dir", str(SAMPLE_DATA), "Bundled sample data (the repository's tests/data).")
+    flags.mark_flags_as_required(["workdir"])
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    workdir = epath.Path(_WORKDIR.value)
+    workdir = epath.Path(flags.FLAGS.workdir)
     try:
-        prepare_workdir(workdir, _OVERWRITE.value)
+        prepare_workdir(workdir, flags.FLAGS.overwrite)
     except FileExistsError as e:
         raise SystemExit(f"run_sample: {e}") from None
-    features = run(workdir, pathlib.Path(_DATA.value))
+    features = run(workdir, pathlib.Path(flags.FLAGS.data_dir))
     print(
         f"embedded {len(features['paths'])} images: cls_token {features['cls_token'].shape}, "
         f"patch_tokens {features['patch_tokens'].shape} -> {workdir / 'features.npz'}"
     )
     print(f"round trip JAX -> {workdir / 'teacher_checkpoint.pth'}: bit-identical to the official file")
-    chain = pretrain_chain(workdir, pathlib.Path(_DATA.value))
+    chain = pretrain_chain(workdir, pathlib.Path(flags.FLAGS.data_dir))
     print(
         f"pretrained {PRETRAIN_STEPS} steps (final loss {float(chain['loss']):.3f}) -> "
         f"{workdir / 'pretrain' / 'export'}; embedded with its teacher_checkpoint.pth: cls_token "
@@ -169,5 +174,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("workdir")
+    define_flags()
     app.run(main)

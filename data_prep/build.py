@@ -22,39 +22,6 @@ from absl import app, flags
 from data_prep import pipeline, quality
 from data_prep.sources import SOURCES, get_source
 
-_SOURCE = flags.DEFINE_enum("source", None, sorted(SOURCES), "Dataset adapter.")
-_INPUT = flags.DEFINE_string("input", None, "Root of the downloaded release (local or gs://).")
-_METADATA = flags.DEFINE_string("metadata", None, "Directory of the release's metadata CSVs (default: --input).")
-_OUTPUT = flags.DEFINE_string("output", None, "Output root; the dataset goes to <output>/<name>/1.0.0.")
-_NAME = flags.DEFINE_string("name", None, "Dataset name (default: the source name).")
-_SIZE = flags.DEFINE_integer("size", 512, "Shorter side of the stored images, in pixels.", lower_bound=1)
-_DTYPE = flags.DEFINE_enum("dtype", "uint8", ["uint8", "uint16"], "Stored pixel type.")
-_FORMAT = flags.DEFINE_enum("format", "array_record", ["array_record", "tfrecord"], "Shard file format.")
-_RUNNER = flags.DEFINE_enum("runner", "local", ["local", "beam"], "Where the work runs.")
-_WORKERS = flags.DEFINE_integer("workers", None, "Local worker processes (default: CPU count; 1 = in process).")
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 64, "Items per local work unit (resume granularity).", lower_bound=1)
-_RECORDS_PER_SHARD = flags.DEFINE_integer("records_per_shard", 1024, "Target records per shard.", lower_bound=1)
-_VIEWS = flags.DEFINE_string("views", "frontal", "'frontal', 'all', or comma-separated view positions (PA,AP,LL).")
-_MODALITIES = flags.DEFINE_string(
-    "modalities", ",".join(quality.DEFAULT_MODALITIES), "Accepted DICOM modalities, comma-separated, or 'all'."
-)
-_CHEST_ONLY = flags.DEFINE_bool("chest_only", True, "Reject DICOMs whose header names non-chest anatomy.")
-_MIN_SIZE = flags.DEFINE_integer("min_size", quality.MIN_SIZE, "Reject images with a shorter side below this.")
-_NOISE = flags.DEFINE_float("noise_threshold", quality.NOISE_CORRELATION, "Reject below this neighbour correlation.")
-_DEDUP = flags.DEFINE_bool("dedup", True, "Drop exact and near duplicates (first seen wins).")
-_NEAR_BITS = flags.DEFINE_integer(
-    "near_duplicate_bits", quality.NEAR_DUPLICATE_BITS, "Perceptual-hash Hamming distance still called a duplicate."
-)
-_COMPRESS = flags.DEFINE_integer("compress_level", 6, "PNG zlib level of the stored images (0-9).")
-_DEDUP_AGAINST = flags.DEFINE_list("dedup_against", [], "Datasets built before this one (their hashes.csv).")
-_SOURCE_OPTION = flags.DEFINE_multi_string(
-    "source_option", [], "Adapter option KEY=VALUE (VALUE parsed as JSON when it is JSON), e.g. csv=labels.csv."
-)
-_BEAM_ARGS = flags.DEFINE_string("beam_args", "", "Apache Beam pipeline options, as one shell-quoted string.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete an existing or unfinished build first.")
-_KEEP_WORK = flags.DEFINE_bool("keep_work", False, "Keep the .work staging directory after finishing.")
-flags.mark_flags_as_required(["source", "input", "output"])
-
 
 def parse_source_options(pairs: Sequence[str]) -> dict[str, Any]:
     """KEY=VALUE strings -> adapter keyword arguments (JSON values, else the raw string)."""
@@ -92,51 +59,88 @@ def summary(info: dict[str, Any]) -> str:
     )
 
 
+def define_flags() -> None:
+    """The program's flags, defined only when it runs as a program (importing the module claims no flag names)."""
+    flags.DEFINE_enum("source", None, sorted(SOURCES), "Dataset adapter.")
+    flags.DEFINE_string("input", None, "Root of the downloaded release (local or gs://).")
+    flags.DEFINE_string("metadata", None, "Directory of the release's metadata CSVs (default: --input).")
+    flags.DEFINE_string("output", None, "Output root; the dataset goes to <output>/<name>/1.0.0.")
+    flags.DEFINE_string("name", None, "Dataset name (default: the source name).")
+    flags.DEFINE_integer("size", 512, "Shorter side of the stored images, in pixels.", lower_bound=1)
+    flags.DEFINE_enum("dtype", "uint8", ["uint8", "uint16"], "Stored pixel type.")
+    flags.DEFINE_enum("format", "array_record", ["array_record", "tfrecord"], "Shard file format.")
+    flags.DEFINE_enum("runner", "local", ["local", "beam"], "Where the work runs.")
+    flags.DEFINE_integer("workers", None, "Local worker processes (default: CPU count; 1 = in process).")
+    flags.DEFINE_integer("chunk_size", 64, "Items per local work unit (resume granularity).", lower_bound=1)
+    flags.DEFINE_integer("records_per_shard", 1024, "Target records per shard.", lower_bound=1)
+    flags.DEFINE_string("views", "frontal", "'frontal', 'all', or comma-separated view positions (PA,AP,LL).")
+    flags.DEFINE_string(
+        "modalities", ",".join(quality.DEFAULT_MODALITIES), "Accepted DICOM modalities, comma-separated, or 'all'."
+    )
+    flags.DEFINE_bool("chest_only", True, "Reject DICOMs whose header names non-chest anatomy.")
+    flags.DEFINE_integer("min_size", quality.MIN_SIZE, "Reject images with a shorter side below this.")
+    flags.DEFINE_float("noise_threshold", quality.NOISE_CORRELATION, "Reject below this neighbour correlation.")
+    flags.DEFINE_bool("dedup", True, "Drop exact and near duplicates (first seen wins).")
+    flags.DEFINE_integer(
+        "near_duplicate_bits", quality.NEAR_DUPLICATE_BITS, "Perceptual-hash Hamming distance still called a duplicate."
+    )
+    flags.DEFINE_integer("compress_level", 6, "PNG zlib level of the stored images (0-9).")
+    flags.DEFINE_list("dedup_against", [], "Datasets built before this one (their hashes.csv).")
+    flags.DEFINE_multi_string(
+        "source_option", [], "Adapter option KEY=VALUE (VALUE parsed as JSON when it is JSON), e.g. csv=labels.csv."
+    )
+    flags.DEFINE_string("beam_args", "", "Apache Beam pipeline options, as one shell-quoted string.")
+    flags.DEFINE_bool("overwrite", False, "Delete an existing or unfinished build first.")
+    flags.DEFINE_bool("keep_work", False, "Keep the .work staging directory after finishing.")
+    flags.mark_flags_as_required(["source", "input", "output"])
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     options = pipeline.PrepOptions(
-        size=_SIZE.value,
-        dtype=_DTYPE.value,
-        file_format=_FORMAT.value,
-        allowed_modalities=parse_modalities(_MODALITIES.value),
-        chest_only=_CHEST_ONLY.value,
-        min_size=_MIN_SIZE.value,
-        noise_threshold=_NOISE.value,
-        compress_level=_COMPRESS.value,
-        deduplicate=_DEDUP.value,
-        near_duplicate_bits=_NEAR_BITS.value,
-        records_per_shard=_RECORDS_PER_SHARD.value,
+        size=flags.FLAGS.size,
+        dtype=flags.FLAGS.dtype,
+        file_format=flags.FLAGS.format,
+        allowed_modalities=parse_modalities(flags.FLAGS.modalities),
+        chest_only=flags.FLAGS.chest_only,
+        min_size=flags.FLAGS.min_size,
+        noise_threshold=flags.FLAGS.noise_threshold,
+        compress_level=flags.FLAGS.compress_level,
+        deduplicate=flags.FLAGS.dedup,
+        near_duplicate_bits=flags.FLAGS.near_duplicate_bits,
+        records_per_shard=flags.FLAGS.records_per_shard,
     )
     source = get_source(
-        _SOURCE.value,
-        _INPUT.value,
-        _METADATA.value,
-        views=parse_views(_VIEWS.value),
-        **parse_source_options(_SOURCE_OPTION.value),
+        flags.FLAGS.source,
+        flags.FLAGS.input,
+        flags.FLAGS.metadata,
+        views=parse_views(flags.FLAGS.views),
+        **parse_source_options(flags.FLAGS.source_option),
     )
-    common = {"name": _NAME.value, "dedup_against": _DEDUP_AGAINST.value, "overwrite": _OVERWRITE.value}
-    if _RUNNER.value == "beam":
+    common = {"name": flags.FLAGS.name, "dedup_against": flags.FLAGS.dedup_against, "overwrite": flags.FLAGS.overwrite}
+    if flags.FLAGS.runner == "beam":
         from data_prep import beam_runner
 
-        beam_args = shlex.split(_BEAM_ARGS.value)
+        beam_args = shlex.split(flags.FLAGS.beam_args)
         info = beam_runner.run_beam(
-            source, _OUTPUT.value, options, beam_args=beam_args, keep_work=_KEEP_WORK.value, **common
+            source, flags.FLAGS.output, options, beam_args=beam_args, keep_work=flags.FLAGS.keep_work, **common
         )
     else:
         from data_prep import local_runner
 
         info = local_runner.run_local(
             source,
-            _OUTPUT.value,
+            flags.FLAGS.output,
             options,
-            workers=_WORKERS.value,
-            chunk_size=_CHUNK_SIZE.value,
-            keep_work=_KEEP_WORK.value,
+            workers=flags.FLAGS.workers,
+            chunk_size=flags.FLAGS.chunk_size,
+            keep_work=flags.FLAGS.keep_work,
             **common,
         )
     print(summary(info), file=sys.stdout)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -20,21 +20,6 @@ from chexfound_jax.convert import heads, layouts, pytorch, torch_io
 from chexfound_jax.models import classifiers, weights
 from chexfound_jax.models.vit import count_params
 
-_TO = flags.DEFINE_enum("to", None, ["jax", "pytorch"], "Direction of the conversion.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Input: .pth/.safetensors, or a weights / classifier dir.")
-_OUT = flags.DEFINE_string("out", None, "Output: a weights / classifier dir, or .pth/.safetensors.")
-_LAYOUT = flags.DEFINE_enum("layout", "chexfound", list(layouts.LAYOUTS), "PyTorch key layout to write.")
-_SOURCE = flags.DEFINE_enum("source", "teacher", list(pytorch.SOURCES), "Model to take from a model_checkpoint.pth.")
-_NUM_HEADS = flags.DEFINE_integer("num_heads", None, "Attention heads, if not embed_dim / 64 (DINOv2's sizes).")
-_NO_HEADS = flags.DEFINE_bool("no_heads", False, "Drop the DINO / iBOT heads (backbone only).")
-_HEAD_NAME = flags.DEFINE_string("head_name", None, "Classifier head to take from a file holding several.")
-_HEAD_LR = flags.DEFINE_float("head_lr", 0.001, "lr in the exported head's name, if the classifier dir has none.")
-_HEAD_NUM_HEADS = flags.DEFINE_integer("head_num_heads", 8, "GLoRI attention heads (not visible in the shapes).")
-_HEAD_VIEWS = flags.DEFINE_integer("head_views", 1, "Views a linear head reads (2: trained with --multiview).")
-_HEAD_CLASSES = flags.DEFINE_string(
-    "head_classes", None, "Class names of an imported head: a task name (e.g. cxr_lt) or comma-separated names."
-)
-
 
 def head_class_names(spec: str, num_classes: int) -> list[str]:
     """--head_classes as a list of num_classes names."""
@@ -92,26 +77,50 @@ def to_pytorch(checkpoint: str, out: str, layout: str, keep_heads: bool) -> None
     logging.info("wrote %s: %d tensors, %s layout", out, len(sd), layout)
 
 
+def define_flags() -> None:
+    """The program's flags, defined only when it runs as a program (importing the module claims no flag names)."""
+    flags.DEFINE_enum("to", None, ["jax", "pytorch"], "Direction of the conversion.")
+    flags.DEFINE_string("checkpoint", None, "Input: .pth/.safetensors, or a weights / classifier dir.")
+    flags.DEFINE_string("out", None, "Output: a weights / classifier dir, or .pth/.safetensors.")
+    flags.DEFINE_enum("layout", "chexfound", list(layouts.LAYOUTS), "PyTorch key layout to write.")
+    flags.DEFINE_enum("source", "teacher", list(pytorch.SOURCES), "Model to take from a model_checkpoint.pth.")
+    flags.DEFINE_integer("num_heads", None, "Attention heads, if not embed_dim / 64 (DINOv2's sizes).")
+    flags.DEFINE_bool("no_heads", False, "Drop the DINO / iBOT heads (backbone only).")
+    flags.DEFINE_string("head_name", None, "Classifier head to take from a file holding several.")
+    flags.DEFINE_float("head_lr", 0.001, "lr in the exported head's name, if the classifier dir has none.")
+    flags.DEFINE_integer("head_num_heads", 8, "GLoRI attention heads (not visible in the shapes).")
+    flags.DEFINE_integer("head_views", 1, "Views a linear head reads (2: trained with --multiview).")
+    flags.DEFINE_string(
+        "head_classes", None, "Class names of an imported head: a task name (e.g. cxr_lt) or comma-separated names."
+    )
+    flags.mark_flags_as_required(["to", "checkpoint", "out"])
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
-        if _TO.value == "jax":
-            obj = torch_io.read_checkpoint(_CHECKPOINT.value)
+        if flags.FLAGS.to == "jax":
+            obj = torch_io.read_checkpoint(flags.FLAGS.checkpoint)
             if heads.is_head_checkpoint(obj):
                 head_to_jax(
-                    obj, _OUT.value, _HEAD_NAME.value, _HEAD_NUM_HEADS.value, _HEAD_VIEWS.value, _HEAD_CLASSES.value
+                    obj,
+                    flags.FLAGS.out,
+                    flags.FLAGS.head_name,
+                    flags.FLAGS.head_num_heads,
+                    flags.FLAGS.head_views,
+                    flags.FLAGS.head_classes,
                 )
             else:
-                to_jax(obj, _OUT.value, _SOURCE.value, _NUM_HEADS.value, not _NO_HEADS.value)
-        elif classifiers.is_classifier_dir(_CHECKPOINT.value):
-            head_to_pytorch(_CHECKPOINT.value, _OUT.value, _HEAD_LR.value)
+                to_jax(obj, flags.FLAGS.out, flags.FLAGS.source, flags.FLAGS.num_heads, not flags.FLAGS.no_heads)
+        elif classifiers.is_classifier_dir(flags.FLAGS.checkpoint):
+            head_to_pytorch(flags.FLAGS.checkpoint, flags.FLAGS.out, flags.FLAGS.head_lr)
         else:
-            to_pytorch(_CHECKPOINT.value, _OUT.value, _LAYOUT.value, not _NO_HEADS.value)
+            to_pytorch(flags.FLAGS.checkpoint, flags.FLAGS.out, flags.FLAGS.layout, not flags.FLAGS.no_heads)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"convert: {e}")
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["to", "checkpoint", "out"])
+    define_flags()
     app.run(main)

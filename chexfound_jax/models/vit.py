@@ -423,10 +423,6 @@ def _scan_blocks(
     return x
 
 
-def init_vit(cfg: ViTConfig, seed: int = 0) -> VisionTransformer:
-    return VisionTransformer(cfg, rngs=nnx.Rngs(seed))
-
-
 @functools.lru_cache(maxsize=16)
 def abstract_vit_params(cfg: ViTConfig) -> dict:
     """Shapes/dtypes of the backbone parameters as a pure dict, without allocating them."""
