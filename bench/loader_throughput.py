@@ -1,8 +1,8 @@
 """Input pipeline throughput: our grain pipeline against the official torchvision DataAugmentationDINO.
 
 Both sides produce the same thing from the same pixels: per image 2 global crops + N local crops of the
-DINOv2 multi-crop augmentation (spec §4), collated into batches of --batch images (crop-major, as the
-official collate) with the iBOT masks of the official collate.
+DINOv2 multi-crop augmentation (official data/augmentations.py), collated into batches of --batch images
+(crop-major, as the official collate) with the iBOT masks of the official collate.
 
 - ours-device: `pipeline.training_dataset` with `data.photometric="device"`. The host decodes the record,
   cuts and resizes the crops, draws the photometric parameters and the masks; jitter, blur, solarize and

@@ -111,7 +111,7 @@ GLORI_CATCLS_PTH = GOLDEN / "glori_catcls.pth"
 def torch_glori(
     num_classes, feature_dim, decoder_dim, *, num_heads=8, ffn_dim=2048, cat_cls=False, dropout=0.1, eps=1e-5
 ):
-    """An independent PyTorch GLoRI written from the spec (section 5.2), with the official state-dict keys.
+    """An independent PyTorch GLoRI written from the official classification/glori.py, with its state-dict keys.
 
     forward(patch (B, N, F), cls (B, F)) -> (logits (B, K), attention (B, heads, K, N)). The decoder
     layer is sequence-first torch.nn.MultiheadAttention, as in ML-Decoder.

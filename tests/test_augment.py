@@ -1,4 +1,4 @@
-"""The DINOv2 / CheXFound multi-crop augmentation (chexfound_jax/data/augment.py, spec §4).
+"""The DINOv2 / CheXFound multi-crop augmentation (chexfound_jax/data/augment.py, official data/augmentations.py).
 
 References are independent of the module: a literal transcription of torchvision's RandomResizedCrop
 sampler with Python's ``random``, PIL's own ImageEnhance / ImageOps / crop+resize, and torchvision's

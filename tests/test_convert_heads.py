@@ -24,7 +24,7 @@ from chexfound_jax.models.classifiers import (
 torch = pytest.importorskip("torch")
 
 GOLDEN_NAME = "linear:blocks=4:avgpool=False:lr=0_0001000000"
-LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]  # the official grid (spec 6)
+LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1]  # official grid, linear_glori.py
 
 
 @pytest.fixture(scope="module")

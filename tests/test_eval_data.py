@@ -97,7 +97,7 @@ def test_eval_batches_pad_and_match_the_reference_preprocessing(dataset):
     rows = np.concatenate([b["row"] for b in batches])
     valid = np.concatenate([b["valid"] for b in batches])
     assert rows[valid].tolist() == list(range(9)) and (rows[~valid] == -1).all()
-    # row 7 is test record 3: decode it independently and preprocess as spec §8
+    # row 7 is test record 3: decode it independently and preprocess as the official notebook
     from chexfound_jax.data.pipeline import ShardedSource
 
     rec = records.decode_record(ShardedSource([dataset], "test")[3])

@@ -350,7 +350,7 @@ def test_holdout_parts_never_split_a_patient_and_match_official_sizes():
     for k, f in enumerate((0.7, 0.1, 0.2)):
         assert abs((parts == k).sum() - f * len(ids)) <= largest / 2 + 1
     np.testing.assert_array_equal(parts, tasks.holdout_parts(ids[::-1], (0.7, 0.1, 0.2), seed=5)[::-1])
-    # One image per patient: the official split sizes exactly (spec §7).
+    # One image per patient: the official split sizes exactly (asserted in data/datasets/).
     for name, sizes in {"shenzhen": (463, 65, 134), "montgomery": (96, 14, 28), "jsrt": (171, 24, 50),
                         "nih": (76_522, 10_002), "cxr_lt": (207_096, 51_775)}.items():  # fmt: skip
         rule = tasks.TASKS[name].splits["train"]
@@ -366,7 +366,7 @@ def test_registered_tasks_follow_the_spec():
     t = tasks.TASKS
     assert len(t["cxr_lt"].class_names) == 40 and len(set(t["cxr_lt"].class_names)) == 40
     names = t["cxr_lt"].class_names
-    # The notebook's index map (spec §7).
+    # The notebook's index map (official notebooks/chexfound_example.ipynb).
     assert {names[i]: i for i in (1, 4, 6, 7, 25)} == {
         "Atelectasis": 1, "Cardiomegaly": 4, "Consolidation": 6, "Edema": 7, "Pleural Effusion": 25,
     }  # fmt: skip

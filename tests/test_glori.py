@@ -193,7 +193,7 @@ def test_official_inits():
     s = jax.tree.map(np.asarray, s)
     pool = s["duplicate_pooling"]
     assert pool.shape == (40, 4864)
-    assert abs(pool.std() / np.sqrt(2 / (4864 + 40)) - 1) < 0.01  # Xavier-normal, 0.0202 (spec 5.2)
+    assert abs(pool.std() / np.sqrt(2 / (4864 + 40)) - 1) < 0.01  # Xavier-normal, 0.0202 (official glori.py)
     assert not s["duplicate_pooling_bias"].any()
     assert abs(s["query_embed"].std() - 1) < 0.01 and abs(s["query_embed"].mean()) < 0.01  # N(0, 1)
     bound = np.sqrt(6 / (768 + 3 * 768))  # Xavier-uniform on the (2304, 768) in_proj_weight

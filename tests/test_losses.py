@@ -1,5 +1,5 @@
 """SSL losses: parity with the official DINOLoss / iBOTPatchLoss / KoLeoLoss (golden losses.npz) and
-independent float64 numpy references written from the spec (sections 3.3-3.4) on hand-built inputs."""
+independent float64 numpy references written from the official loss/*.py on hand-built inputs."""
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ def np_ce(p: np.ndarray, s: np.ndarray, temp: float = STUDENT_TEMP) -> np.ndarra
 
 
 def np_sinkhorn(t: np.ndarray, temp: float, n_iter: int = 3) -> np.ndarray:
-    """Spec 3.3 verbatim on Q = exp(T/τ)ᵀ (K x B), float64."""
+    """The official sinkhorn_knopp_teacher (loss/dino_clstoken_loss.py) on Q = exp(T/τ)ᵀ (K x B), float64."""
     q = np.exp(np.asarray(t, np.float64) / temp).T
     k, b = q.shape
     q /= q.sum()

@@ -1,4 +1,5 @@
-"""iBOT block masks and the fixed-shape collate (spec 3.5) against the official algorithm and golden collate."""
+"""iBOT block masks and the fixed-shape collate (official data/masking.py, collate.py) against the official
+algorithm and golden collate."""
 
 import random
 

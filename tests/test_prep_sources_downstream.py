@@ -26,7 +26,7 @@ DATA = pathlib.Path(__file__).parent / "data"
 NIH_PNG = DATA / "images" / "cxr_png_gray8_512_nih_cxr14_00000001_000.png"
 NAN = math.nan
 
-# The 40 classes as the spec lists them (section 7, the released head's order), typed independently of the code.
+# The 40 classes as the official notebook lists them (the released head's order), typed independently of the code.
 SPEC_CLASSES = (
     "Adenopathy, Atelectasis, Azygos Lobe, Calcification of the Aorta, Cardiomegaly, Clavicle Fracture, "
     "Consolidation, Edema, Emphysema, Enlarged Cardiomediastinum, Fibrosis, Fissure, Fracture, Granuloma, "

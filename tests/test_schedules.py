@@ -94,7 +94,7 @@ def test_last_layer_frozen_for_one_epoch(config, xp):
 def test_sqrt_scaling(config):
     assert scaled_lr(2e-4, 80) == 5.590169943749475e-05 == config["peak_lr"]
     assert scaled_lr(2e-4, 1024) == 2e-4
-    assert scaled_lr(2e-4, 8 * 14) == pytest.approx(6.61e-5, rel=1e-3)  # spec 3.7, stage 448
+    assert scaled_lr(2e-4, 8 * 14) == pytest.approx(6.61e-5, rel=1e-3)  # official utils/config.py sqrt rule, stage 448
 
 
 def test_config_names(config):

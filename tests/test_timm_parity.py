@@ -1,8 +1,9 @@
 """Forward parity with timm's VisionTransformer, an independent implementation of the same model.
 
-The spec's exactly equivalent timm model is a no_embed_class ViT with 4 register tokens, packed
-SwiGLU (fc1 = [gate | value]) with SiLU, LayerScale and the token pool. Weights go across with our
-"timm" export (strict load), and with our "hub" export through timm's own checkpoint_filter_fn.
+CheXFound's exactly equivalent timm model (vit_large_patch14_reg4_dinov2 with overrides) is a no_embed_class
+ViT with 4 register tokens, packed SwiGLU (fc1 = [gate | value]) with SiLU, LayerScale and the token pool.
+Weights go across with our "timm" export (strict load), and with our "hub" export through timm's own
+checkpoint_filter_fn.
 """
 
 import jax

@@ -1,4 +1,4 @@
-"""Classification heads <-> the official CheXFound classifier checkpoints (spec section 5.2).
+"""Classification heads <-> the official CheXFound classifier checkpoints (official eval/classification/glori.py).
 
 The official linear / GLoRI evaluation saves `{"model": {"classifiers_dict.<name>.<key>": tensor},
 "iteration": ...}` (plus optimizer / scheduler entries), one `<name>` per trained head, e.g.

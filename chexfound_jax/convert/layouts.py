@@ -2,7 +2,7 @@
 
 One rule maps each JAX parameter path to its torch key and tensor layout; export applies it
 forwards, import backwards after checking the torch dict key by key against what the config
-expects. Layouts (spec section 2):
+expects. Layouts (the official train/train.py writes the first, utils/utils.py:load_pretrained_weights reads it):
 
 - "chexfound": `backbone.*` with chunked `blocks.{c}.{i}` keys plus `dino_head.*` / `ibot_head.*`,
   the teacher_checkpoint.pth layout (wrapped as {"teacher": ...} when written as .pth);

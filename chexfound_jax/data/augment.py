@@ -1,4 +1,4 @@
-"""DINOv2 / CheXFound multi-crop pretraining augmentation for single-channel chest X-rays (spec §4).
+"""DINOv2 / CheXFound multi-crop pretraining augmentation for single-channel chest X-rays (official augmentations.py).
 
 The work is split in two on purpose:
 

@@ -1,4 +1,4 @@
-"""Input pipelines for classification heads on a frozen backbone (spec §6 items 4-5).
+"""Input pipelines for classification heads on a frozen backbone (official linear_glori.py train / eval transforms).
 
 A labelled table (`chexfound_jax.eval.tasks.LabelTable`: records of a data_prep split plus the task's
 labels) becomes batches of model inputs. Training batches are an infinite, per-epoch reshuffled stream
@@ -26,8 +26,8 @@ from chexfound_jax.data.pipeline import BadRecordError, ShardedSource, decode_im
 class TrainTransform:
     """RandomResizedCrop(scale 0.75-1, bicubic) + HFlip [+ Rot90], then per-channel min-max and Normalize.
 
-    `minmax`: the official training transform is documented both with and without the per-channel
-    min-max rescale (spec §6 item 4 vs §10 item 17); applying it in training as in evaluation avoids a
+    `minmax`: accounts of the official training transform differ on whether it applies the per-channel
+    min-max rescale (`RescaleImage`, official data/transforms.py); applying it in training as in evaluation avoids a
     train/eval mismatch and is the default. A constant crop is left unscaled instead of dividing by zero.
     """
 
@@ -60,7 +60,7 @@ def train_image(image: np.ndarray, rng: np.random.Generator, t: TrainTransform) 
 
 
 def eval_image(image: np.ndarray, image_size: int) -> np.ndarray:
-    """The evaluation preprocessing of spec §8 on a stored record image."""
+    """The official notebook's evaluation preprocessing (`make_classification_eval_transform`) on a stored image."""
     img = Image.fromarray(augment.to_uint8(image)).convert("RGB")
     return preprocess.preprocess_image(img, resize_size=image_size, crop_size=image_size)
 

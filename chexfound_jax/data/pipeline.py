@@ -404,7 +404,7 @@ def eval_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
-    """Deterministic, unshuffled batches of one process: evaluation preprocessing of spec §8.
+    """Deterministic, unshuffled batches of one process: evaluation preprocessing of the official notebook.
 
     `batch_size` is per process. The record list is padded to a multiple of batch_size * process_count
     with `valid=False` entries, so every process runs the same number of full batches; `index` is the

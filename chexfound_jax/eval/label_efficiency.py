@@ -1,6 +1,6 @@
 """Label efficiency: probes trained on seeded, stratified, patient-level fractions of the training split.
 
-Validation selects the lr and is never trained on (the official code appends it: spec §10 item 10), so a
+Validation selects the lr and is never trained on (official eval/classification/linear_glori.py appends it), so a
 fraction means what it says. Each run's results go under fraction_F/repeat_R/; the summary (mean, std,
 range per fraction) to label_efficiency.json and .md.
 """

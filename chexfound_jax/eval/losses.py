@@ -1,4 +1,4 @@
-"""Multilabel losses of the downstream protocol (spec §6 item 3), with unknown labels masked.
+"""Multilabel losses of the downstream protocol (official linear_glori.py), with unknown labels masked.
 
 Labels are float: 1 positive, 0 negative, NaN (or < 0) unknown. Unknown entries contribute nothing,
 as the official `BCEWithLogitsLoss(weight=1[label >= 0], reduction="sum")` does.

@@ -1,10 +1,10 @@
 """Classification heads on a frozen backbone: a bank of heads, one per learning rate, trained at once.
 
-The official protocol (spec §6) trains one head per learning rate on the same frozen features; here the
-heads are stacked on a leading axis and updated with `jax.vmap`, so the backbone runs once per batch
-for the whole grid. Each head has its own random init (and, for GLoRI, its own frozen queries), AdamW
-with decoupled weight decay on every trainable parameter, and cosine decay to 0 without warmup
-(torch's CosineAnnealingLR, stepped every iteration). NaN gradients are zeroed before the update.
+The official protocol (eval/classification/linear_glori.py) trains one head per learning rate on the same
+frozen features; here the heads are stacked on a leading axis and updated with `jax.vmap`, so the backbone
+runs once per batch for the whole grid. Each head has its own random init (and, for GLoRI, its own frozen
+queries), AdamW with decoupled weight decay on every trainable parameter, and cosine decay to 0 without
+warmup (torch's CosineAnnealingLR, stepped every iteration). NaN gradients are zeroed before the update.
 
 Batches are sharded over every mesh axis (data parallel); backbone and heads are replicated.
 """
@@ -31,8 +31,8 @@ from chexfound_jax.models.vit import ViTConfig
 
 @dataclasses.dataclass(frozen=True)
 class Optimization:
-    """Head training settings (spec §6 defaults). The schedule length is an argument of the step, so one
-    compiled step serves runs of any length (phases, label-efficiency subsets)."""
+    """Head training settings (official linear_glori.py defaults). The schedule length is an argument of the step,
+    so one compiled step serves runs of any length (phases, label-efficiency subsets)."""
 
     lrs: tuple[float, ...]
     weight_decay: float = 1e-4
@@ -189,7 +189,7 @@ FLIP_MODES = ("none", "only", "average")
 
 
 def check_flip(flip: str) -> None:
-    """eval.flip: "none"; "only" evaluates mirrored images (the official --flip, spec §6 item 5); "average"
+    """eval.flip: "none"; "only" evaluates mirrored images (the official --flip of linear_glori.py); "average"
     averages the probabilities of each image and its mirror (test-time augmentation)."""
     if flip not in FLIP_MODES:
         raise ValueError(f"eval.flip must be one of {FLIP_MODES}, got {flip!r}")

@@ -1,5 +1,5 @@
 """Evaluation reports: results JSON, a Markdown summary, ROC/PR curves, an AUROC bar chart, and
-GLoRI attention overlays (spec 5.3).
+GLoRI attention overlays (as in the official notebooks/chexfound_example.ipynb).
 
 Plots use matplotlib's object API (Figure + Agg canvas) so no global pyplot state is touched, and
 are rendered to memory before being written through etils.epath, so gs:// works like a local path.
@@ -280,7 +280,7 @@ def _bilinear_matrix(size_in: int, factor: int) -> np.ndarray:
 def attention_heatmap(
     attention: np.ndarray, grid: tuple[int, int], upsample: int = 16, gamma: float = 0.5
 ) -> np.ndarray:
-    """Spec 5.3 heat map of one image and class: per-head bilinear x`upsample`, head mean, then **gamma.
+    """The official notebook's heat map of one image and class: per-head bilinear x`upsample`, head mean, then **gamma.
 
     attention: (heads, gh * gw) row-major cross-attention weights (a single head may be given as 1-D).
     Returns (gh * upsample, gw * upsample) float32.

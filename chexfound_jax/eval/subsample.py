@@ -1,7 +1,7 @@
 """Label-efficiency subsets of a training table: seeded, patient-level, stratified.
 
-The official code takes evenly spaced indices of the training list (spec §6 item 7), which ignores
-patients and class balance, and its refit appends the full validation set (§10 item 10). Here a subset
+The official code takes evenly spaced indices of the training list (eval/classification/linear_glori.py), which ignores
+patients and class balance, and its refit appends the full validation set. Here a subset
 is drawn from one table only, so it never holds another split's rows, and it is drawn by patient:
 
 1. Each patient gets a label pattern: positive for a class if any of its images is positive.

@@ -180,7 +180,7 @@ def _holdout_splits(shard_split: str, counts: Sequence[int], names: Sequence[str
     return {n: SplitRule(shard_split, fr, i) for i, n in enumerate(names)}
 
 
-# The 40 CXR-LT 2024 classes in the released head's order (spec §7).
+# The 40 CXR-LT 2024 classes in the released head's order (official notebooks/chexfound_example.ipynb).
 CXR_LT_CLASSES = (
     "Adenopathy", "Atelectasis", "Azygos Lobe", "Calcification of the Aorta", "Cardiomegaly", "Clavicle Fracture",
     "Consolidation", "Edema", "Emphysema", "Enlarged Cardiomediastinum", "Fibrosis", "Fissure", "Fracture",
@@ -201,7 +201,7 @@ _CHEXPERT = TaskSpec(
     views=("AP", "PA"),
 )
 
-# Shard splits are the names data_prep writes. How each release maps onto them (official sizes, spec §7):
+# Shard splits are the names data_prep writes. How each release maps onto them (official sizes, data/datasets/):
 # - cxr_lt: data_prep's cxr_lt source. Its "train" split (train_labeled.csv, 258,871 MIMIC-CXR images, every
 #   view) is re-split by patient like the official 207,096 / 51,775; test is its "development" split (the
 #   39,293 labelled development images). Its "test" split (the official CXRLTTest1) is a config override away.

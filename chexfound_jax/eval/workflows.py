@@ -289,7 +289,7 @@ def write_overlays(
     probs: np.ndarray,
     names: Sequence[str],
 ) -> list[str]:
-    """GLoRI attention overlays (spec §5.3) of the first test images, for their most probable classes."""
+    """GLoRI attention overlays (official notebook) of the first test images, for their most probable classes."""
     n = min(int(env.cfg.report.overlays), len(records))
     if head_cfg.kind != "glori" or n == 0:
         return []

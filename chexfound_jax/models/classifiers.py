@@ -47,7 +47,7 @@ STATE_FILE = "classifier.npz"
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
-    """A GLoRI or linear-probe head. Defaults are the official ones (spec sections 5.2, 5.4, 6)."""
+    """A GLoRI or linear-probe head. Defaults are the official ones (eval/classification/glori.py, linear_glori.py)."""
 
     kind: str  # "glori" or "linear"
     num_classes: int
@@ -115,7 +115,7 @@ class ClassifierConfig:
 
 
 def head_inputs(blocks: Sequence[tuple[jax.Array, jax.Array, jax.Array]]) -> dict[str, jax.Array]:
-    """VisionTransformer.last_blocks(x, n, norm=True) -> the float32 inputs of every head (spec 5.1, 5.4).
+    """VisionTransformer.last_blocks(x, n, norm=True) -> the float32 inputs of every head (get_intermediate_layers).
 
     blocks are (cls (B, D), registers (B, R, D), patches (B, N, D)), shallow to deep. Channel
     l * D + d of "cls" / "patch" belongs to the l-th block; "avgpool" is the mean of the deepest

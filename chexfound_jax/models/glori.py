@@ -1,10 +1,10 @@
-"""GLoRI, CheXFound's classification head (spec section 5.2): an ML-Decoder on frozen features.
+"""GLoRI, CheXFound's classification head (official eval/classification/glori.py): an ML-Decoder on frozen features.
 
 Patch features of the last blocks are projected to the decoder width (the memory); K frozen
 random queries, one per class, attend to it through one post-LN decoder layer without
 self-attention; a per-class linear map ("group FC") turns each query's output into a logit.
 
-Reproduced literally, quirks included (spec section 10, items 7 and 8): the first step is
+Reproduced literally, quirks included (official eval/classification/glori.py): the first step is
 LN1(q + dropout(q)), i.e. LN1(2q) in eval; the queries are N(0, 1) and never trained, but saved;
 with `cat_cls` the CLS concat comes before the query output. Everything runs in float32.
 
@@ -64,7 +64,7 @@ def dropout(x: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
 
 
 def feature(features: dict[str, jax.Array], name: str, dim: int, ndim: int) -> jax.Array:
-    """features[name] as float32, checked to be ndim-D with a last axis of dim (spec 5.1: fp32 heads)."""
+    """features[name] as float32, checked to be ndim-D with a last axis of dim (official heads run in fp32)."""
     if name not in features:
         raise ValueError(f"head input {name!r} is missing; got {sorted(features)}")
     x = jnp.asarray(features[name])

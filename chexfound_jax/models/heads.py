@@ -1,4 +1,4 @@
-"""DINO / iBOT projection heads (spec section 3.1).
+"""DINO / iBOT projection heads (official layers/dino_head.py, `DINOHead`).
 
 MLP (Linear-GELU x (nlayers-1), Linear to the bottleneck) -> L2 normalisation -> a
 weight-normalised prototype layer without bias, W = g * v / ||v|| per prototype. CheXFound uses

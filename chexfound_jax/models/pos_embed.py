@@ -1,4 +1,4 @@
-"""Position-embedding resampling with DINOv2's exact rule (spec section 1.2).
+"""Position-embedding resampling with DINOv2's exact rule (official `interpolate_pos_encoding`, vision_transformer.py).
 
 DINOv2 calls `F.interpolate(mode="bicubic", scale_factor=(n + offset) / M)`: PyTorch's cubic
 convolution with A = -0.75, clamped borders, no antialias, and source coordinates driven by

@@ -1,4 +1,4 @@
-"""The DINOv2-style Vision Transformer of CheXFound (spec section 1), in Flax NNX.
+"""The DINOv2-style Vision Transformer of CheXFound (official models/vision_transformer.py), in Flax NNX.
 
 Token order is [cls, registers..., patches]; registers get no position embedding. All
 parameters are float32 with logical axis names; activations run in `config.dtype`.
@@ -212,7 +212,7 @@ def drop_path_residual(
 ) -> jax.Array:
     """x + branch(x) under stochastic depth, in DINOv2's batch-subset form or per sample.
 
-    subset (spec 1.3, used by DINOv2 when rate > 0.1): in each of the `groups` consecutive row groups
+    subset (official layers/block.py, used by DINOv2 when rate > 0.1): in each of the `groups` consecutive row groups
     (an official per-GPU batch) the branch runs on a random subset of int(rows * (1 - rate)) rows
     only, and is added back to those rows scaled by rows / subset. It saves the compute of the
     dropped rows, and keeps every row on the device of its group. per_sample: Bernoulli(1 - rate)

@@ -1,4 +1,5 @@
-"""DINO, iBOT and KoLeo losses and their teacher targets (spec sections 3.3-3.4).
+"""DINO, iBOT and KoLeo losses and their teacher targets (official loss/dino_clstoken_loss.py, ibot_patch_loss.py,
+koleo_loss.py, combined in train/ssl_meta_arch.py).
 
 The functions are written for the GLOBAL batch. Under `jit` over sharded jax.Arrays, a `jnp.sum`
 over the batch axis is the all-reduce that the official code does with torch.distributed, so no

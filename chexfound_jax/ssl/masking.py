@@ -1,4 +1,5 @@
-"""iBOT block masks and their fixed-shape collate (spec 3.5), in numpy for the input pipeline.
+"""iBOT block masks and their fixed-shape collate (official data/masking.py, collate.py), in numpy for the input
+pipeline.
 
 The official collate (`data/collate.py` + BEiT-style `data/masking.py`) emits variable-length lists
 that the train step pads to `upperbound` rows. A compiled step needs fixed shapes, so here the padding
@@ -72,7 +73,7 @@ def block_mask_boxes(
     """Official BEiT-style block mask (H, W) bool, plus the accepted rectangles (so tests can check its shape).
 
     Rectangles are added until `num_masking_patches` cells are set or a round of 10 tries adds nothing, so
-    it may undershoot but never overshoots. `max_num_patches` defaults to 0.5·N as in the spec.
+    it may undershoot but never overshoots. `max_num_patches` defaults to 0.5·N (official: `official_max_num_patches`).
     """
     height, width = grid_hw
     if max_num_patches is None:

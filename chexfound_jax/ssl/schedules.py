@@ -1,4 +1,4 @@
-"""Per-iteration training schedules (spec sections 3.3, 3.6, 3.7), as functions of the step.
+"""Per-iteration training schedules (official train/train.py `build_schedulers`), as functions of the step.
 
 The official code precomputes numpy arrays (DINOv2 `CosineScheduler`) and indexes them with the
 iteration. Here each schedule is a closed-form function of the step so it can live inside a jitted

@@ -1,4 +1,4 @@
-"""The student optimiser (spec section 3.7): per-module clipping, then torch-style AdamW.
+"""The student optimiser (official train/train.py, utils/param_groups.py): per-module clipping, then torch-style AdamW.
 
 The official code builds one torch param group per parameter with an lr multiplier (layer-wise
 decay x patch-embed multiplier), a weight-decay multiplier (0 for biases, norms and LayerScale) and

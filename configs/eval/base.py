@@ -1,4 +1,4 @@
-"""The downstream protocol of CheXFound (spec §6), shared by the evaluation configs.
+"""The downstream protocol of CheXFound (official linear_glori.py), shared by the evaluation configs.
 
 Defaults are the official scripts': GLoRI with --cat-cls on the last 4 blocks, 13 learning rates trained
 at once, AdamW (weight decay 1e-4), cosine decay without warmup, 100 epochs, validation every 20 epochs,
@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
             train_scale=(0.75, 1.0),
             flip_p=0.5,
             rot90_p=0.0,  # --rot90-train: 0.5
-            train_minmax=True,  # False: no per-channel min-max in training (spec §10 item 17)
+            train_minmax=True,  # False: no per-channel min-max in training (official RescaleImage, data/transforms.py)
             read_threads=8,
             read_buffer=16,
             num_workers=0,
@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.refit = ml_collections.ConfigDict(
         dict(
             enabled=True,  # phase 2: one head, best lr, train + val, evaluated on test
-            warm_start=False,  # True reproduces the official bug: start from the phase-1 winner (spec §10 item 9)
+            warm_start=False,  # True reproduces the official bug: start from the phase-1 winner (linear_glori.py)
         )
     )
     c.label_efficiency = ml_collections.ConfigDict(dict(fractions=(0.01, 0.1, 1.0), repeats=3, seed=0))

@@ -1,7 +1,7 @@
 """Label efficiency on CXR-LT 2024: GLoRI trained on 1%, 10% and 100% of train, 3 seeded repeats each.
 
 Subsets are stratified and patient-level; validation only selects the lr and is never trained on
-(the official code appends it to the training set: spec §10 item 10).
+(official eval/classification/linear_glori.py appends it to the training set).
 """
 
 import ml_collections

@@ -1,4 +1,4 @@
-"""Linear probe (spec §5.4) on CXR-LT 2024: concatenated class tokens of the last 4 blocks."""
+"""Linear probe (the official `LinearClassifier`) on CXR-LT 2024: concatenated class tokens of the last 4 blocks."""
 
 import ml_collections
 

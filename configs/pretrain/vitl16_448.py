@@ -2,7 +2,7 @@
 
 Global batch 112 (8 GPUs x 14), 250k iterations, started from the 224 stage's student with a fresh
 pos_embed (set train.init_from to <224 workdir>/export/<step>/student). The released 512 model was
-continued from this stage (spec section 3.8).
+continued from this stage (per the official run log, logs/log.txt).
 """
 
 import ml_collections
