@@ -74,7 +74,7 @@ def test_miniature_runs_end_to_end_and_resumes(data, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert report.count("| teacher_4 | 4 |") == 3 and report.count("| teacher_2 | 2 |") == 2  # GLoRI: the last one
     assert "### GLoRI probe" in report and "![online.png](online.png)" in report
-    for png in ("losses.png", "teacher_entropy.png", "online.png", "roc.png"):
+    for png in ("losses.png", "teacher_entropy.png", "online.png", "roc.png", "crops.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     logged = (tmp_path / "pretrain" / "metrics.jsonl").read_text()

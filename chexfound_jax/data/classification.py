@@ -26,9 +26,9 @@ from chexfound_jax.data.pipeline import BadRecordError, ShardedSource, decode_im
 class TrainTransform:
     """RandomResizedCrop(scale 0.75-1, bicubic) + HFlip [+ Rot90], then per-channel min-max and Normalize.
 
-    `minmax`: accounts of the official training transform differ on whether it applies the per-channel
-    min-max rescale (`RescaleImage`, official data/transforms.py); applying it in training as in evaluation avoids a
-    train/eval mismatch and is the default. A constant crop is left unscaled instead of dividing by zero.
+    `minmax`: the per-channel min-max rescale (`RescaleImage`, official data/transforms.py), which the official
+    train transform applies as its eval transform does (the default). A constant crop is left unscaled instead
+    of dividing by zero.
     """
 
     image_size: int = 512

@@ -350,7 +350,7 @@ def run(
         "machine": miniature_report.machine(),
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True))
-    miniature_report.write(workdir, results, run_dir)
+    miniature_report.write(workdir, results, run_dir, cfg)
     return results
 
 

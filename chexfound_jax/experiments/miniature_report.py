@@ -114,6 +114,36 @@ def plot_roc(results: dict, out: epath.Path, names: list[str]) -> str:
     return _save(fig, out / "roc.png")
 
 
+def plot_crops(cfg: Any, out: epath.Path, images: int = 4) -> str:
+    """crops.png: what pretraining is fed, the first batch of `cfg`'s pipeline after the photometric
+    augmentation: per image its 2 global crops (iBOT-masked patches shaded red) and its local crops."""
+    from chexfound_jax.data import pipeline
+
+    layout = pipeline.train_layout(cfg, num_batch_shards=1, process_count=1)
+    host = next(iter(pipeline.training_dataset(cfg, layout, process_index=0, num_workers=0)))
+    batch = jax.device_get(jax.jit(lambda b: pipeline.finish_on_device(b, cfg))(host))
+    b = batch["global_crops"].shape[1] // 2
+    n_local = batch["local_crops"].shape[1] // b
+    grid = cfg.crops.global_crops_size // cfg.model.patch_size
+    images = min(images, b)
+    fig = Figure(figsize=(1.6 * (2 + n_local), 1.7 * images))
+    for j in range(images):
+        crops = [batch["global_crops"][0, k * b + j] for k in range(2)]
+        crops += [batch["local_crops"][0, k * b + j] for k in range(n_local)]
+        for c, crop in enumerate(crops):
+            ax = fig.add_subplot(images, 2 + n_local, j * (2 + n_local) + c + 1)
+            gray = crop.mean(-1)
+            ax.imshow((gray - gray.min()) / max(float(np.ptp(gray)), 1e-6), cmap="gray", vmin=0, vmax=1)
+            if c < 2:
+                mask = batch["masks"][0, c * b + j].reshape(grid, grid).astype(float)
+                size = crop.shape[0]
+                ax.imshow(np.kron(mask, np.ones((size // grid, size // grid))), cmap="Reds", alpha=0.35 * mask.max())
+            ax.set_xticks([]), ax.set_yticks([])
+            if j == 0:
+                ax.set_title(f"global {c}" if c < 2 else f"local {c - 2}", fontsize=8)
+    return _save(fig, out / "crops.png")
+
+
 def _pretrained(results: dict) -> list[str]:
     """The random initialisation and the teacher exports, by pretraining step."""
     names = [n for n in results["arms"] if n == "random_init" or n.startswith("teacher_")]
@@ -140,14 +170,16 @@ def _probe_table(probe: str, arms: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
-def write(workdir: epath.Path, results: dict, run_dir: epath.Path) -> epath.Path:
-    """report.md with the comparison table, the kNN curve and the plots."""
+def write(workdir: epath.Path, results: dict, run_dir: epath.Path, cfg: Any = None) -> epath.Path:
+    """report.md with the comparison tables, the kNN curve and the plots (crops.png with the run's `cfg`)."""
     pretrained = _pretrained(results)
     arms = [(n, results["arms"][n]) for n in pretrained + sorted(set(results["arms"]) - set(pretrained))]
     final = pretrained[-1]
     plots = [*plot_training(_rows(run_dir), workdir), plot_online(results, workdir)]
     compared = ["random_init", final] if final != "random_init" else [final]
     plots.append(plot_roc(results, workdir, compared + (["supervised"] if "supervised" in results["arms"] else [])))
+    if cfg is not None:
+        plots.append(plot_crops(cfg, workdir))
     m, t = results["machine"], results["timings_s"]
     lines = [
         "# CheXFound in miniature: probes on held-out paediatric X-rays",
