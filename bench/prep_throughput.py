@@ -29,7 +29,7 @@ pixels as an 8-bit 1024 x 1024 PNG (the format that dataset is distributed in).
 
 Usage, from the repository root:
     python -m bench.prep_throughput --repeats=5 --json=/tmp/prep.json
-    python -m bench.prep_throughput --inputs ../shared/data/labeled/kermany_pediatric_pneumonia/images/*.png
+    python -m bench.prep_throughput --inputs tests/data/kermany_pediatric_pneumonia/images/*
 
 Nothing is asserted: this is a measurement, not a test.
 """
