@@ -33,7 +33,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from chexfound_jax import hardware  # noqa: E402
+from chexfound_jax import cli, hardware  # noqa: E402
 from chexfound_jax.models import attention  # noqa: E402
 from chexfound_jax.models.vit import remat_policy_name  # noqa: E402
 from chexfound_jax.parallel import hlo_stats  # noqa: E402
@@ -346,4 +346,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _FLAGS = _define_flags()
-    app.run(main)
+    cli.run(main)

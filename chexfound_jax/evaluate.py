@@ -24,6 +24,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from chexfound_jax import cli
 from chexfound_jax.data import classification
 from chexfound_jax.eval import label_efficiency, loop, predict, workflows
 from chexfound_jax.eval.probe import FrozenFeatures
@@ -131,4 +132,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -29,7 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from chexfound_jax import hardware
+from chexfound_jax import cli, hardware
 from chexfound_jax.data import pipeline
 from chexfound_jax.eval.online import OnlineEval
 from chexfound_jax.models import ModelConfig, weights
@@ -87,6 +87,8 @@ def validate(cfg: Any, num_devices: int) -> list[str]:
     if g % cfg.model.patch_size or s % cfg.model.patch_size:
         raise ConfigError(f"crops ({g}, {s}) must be multiples of model.patch_size {cfg.model.patch_size}")
     for dataset in cfg.data.datasets:
+        if not epath.Path(dataset).exists():
+            raise ConfigError(f"data.datasets: {dataset} does not exist")
         size = dataset_image_size(dataset)
         if size is not None and g > size:
             raise ConfigError(f"crops.global_crops_size {g} is larger than the images of {dataset} ({size} px)")
@@ -396,4 +398,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -21,3 +21,22 @@ def test_a_program_rejects_another_programs_flag(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode != 0 and "Unknown command line flag 'checkpoint'" in out.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def _pretrain(tmp_path, *overrides):
+    cmd = [sys.executable, "-m", "chexfound_jax.pretrain", "--config=configs/pretrain/tiny_cpu.py", *overrides]
+    return subprocess.run([*cmd, f"--workdir={tmp_path}"], capture_output=True, text=True)
+
+
+def test_a_mistyped_config_key_ends_the_program_in_one_line(tmp_path):
+    out = _pretrain(tmp_path, "--config.model.atention_impl=xla")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert "unknown config key 'atention_impl'" in last and '"attention_impl"' in last
+    assert "--config.model.atention_impl" in last
+
+
+def test_a_missing_dataset_ends_the_program_in_one_line(tmp_path):
+    out = _pretrain(tmp_path, "--config.data.datasets=('/nonexistent/ds',)")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "pretrain: data.datasets: /nonexistent/ds does not exist"

@@ -62,6 +62,8 @@ class BadRecordError(ValueError):
 def shard_files(dataset: epath.PathLike, split: str) -> list[epath.Path]:
     """The finished shards of `split` in a data_prep dataset directory (`<output>/<name>/<version>`)."""
     ds_dir = epath.Path(dataset)
+    if not ds_dir.exists():
+        raise FileNotFoundError(f"data_prep dataset directory {ds_dir} does not exist")
     splits = writers.finished_splits(ds_dir)
     if split not in splits:
         raise ValueError(f"{ds_dir} has no split {split!r}; it has {sorted(splits)}")

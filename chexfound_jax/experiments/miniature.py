@@ -43,7 +43,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from chexfound_jax import pretrain
+from chexfound_jax import cli, pretrain
 from chexfound_jax.data import classification
 from chexfound_jax.eval import logreg, metrics, tasks
 from chexfound_jax.experiments import head_probe, supervised
@@ -374,4 +374,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
