@@ -30,8 +30,8 @@ from chexfound_jax.eval import label_efficiency, loop, predict, workflows
 from chexfound_jax.eval.probe import FrozenFeatures
 from chexfound_jax.models import weights
 from chexfound_jax.models.vit import ViTConfig
+from chexfound_jax.parallel import distributed
 from chexfound_jax.parallel.mesh import create_mesh
-from chexfound_jax.pretrain import initialize_distributed
 from chexfound_jax.train.metrics import MetricsWriter
 
 WORKFLOWS = {
@@ -120,8 +120,8 @@ def main(argv: Sequence[str]) -> None:
     cfg = flags.FLAGS.config
     if len(argv) > 1 and cfg.workflow != "predict":
         raise app.UsageError(f"unexpected arguments: {argv[1:]} (image files are for workflow=predict)")
-    initialize_distributed(cfg)
     try:
+        distributed.initialize(cfg.distributed)
         results = evaluate(cfg, flags.FLAGS.checkpoint, flags.FLAGS.workdir, argv[1:])
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"evaluate: {e}") from None

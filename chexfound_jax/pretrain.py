@@ -31,17 +31,15 @@ from ml_collections import config_flags
 
 from chexfound_jax import cli, hardware
 from chexfound_jax.data import pipeline
+from chexfound_jax.errors import ConfigError
 from chexfound_jax.eval.online import OnlineEval
 from chexfound_jax.models import ModelConfig, weights
 from chexfound_jax.models.vit import ViTConfig
+from chexfound_jax.parallel import distributed
 from chexfound_jax.train import checkpoint, flops, metrics, recipe
 from chexfound_jax.train.setup import Training, batch_shards, build_training
 
 SMALL_GLOBAL_BATCH = 64  # below this the DINO/iBOT targets of a step are noisy (paper: 80 to 304)
-
-
-class ConfigError(ValueError):
-    """A config that cannot run, with a message naming the key."""
 
 
 # --- config validation -----------------------------------------------------------------------------
@@ -118,27 +116,6 @@ def check_mesh(cfg: Any, training: Training) -> None:
             f"train.batch_groups={groups} groups cannot be split over the {shards} devices of the batch axes "
             f"of mesh {dict(training.mesh.shape)}"
         )
-
-
-# --- distributed -----------------------------------------------------------------------------------
-
-
-def initialize_distributed(cfg: Any) -> None:
-    """jax.distributed.initialize as configured: auto-detected on TPU VMs/SLURM, or explicit for GPU clusters."""
-    d = cfg.distributed
-    if d.initialize not in ("auto", "always", "never"):
-        raise ConfigError(f"distributed.initialize must be auto, always or never, got {d.initialize!r}")
-    if d.initialize == "never":
-        return
-    if d.coordinator_address:
-        jax.distributed.initialize(d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id)
-    elif d.initialize == "always":
-        jax.distributed.initialize()  # cluster auto-detection (TPU pod slice, SLURM, ...)
-    else:
-        try:
-            jax.distributed.initialize()
-        except (ValueError, RuntimeError) as e:  # no cluster environment: a single-process run
-            logging.info("single process (%s)", str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
 # --- the job ---------------------------------------------------------------------------------------
@@ -389,8 +366,8 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = flags.FLAGS.config
-    initialize_distributed(cfg)
     try:
+        distributed.initialize(cfg.distributed)
         train(cfg, flags.FLAGS.workdir)
     except (ConfigError, FloatingPointError) as e:
         raise SystemExit(f"pretrain: {e}") from None

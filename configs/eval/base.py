@@ -8,6 +8,8 @@ code has a bug the default is the fix and a flag reproduces it (refit.warm_start
 
 import ml_collections
 
+from configs import common
+
 LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 
 
@@ -73,7 +75,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.metrics = ml_collections.ConfigDict(dict(n_bootstrap=1000, confidence=0.95, seed=0))
     c.report = ml_collections.ConfigDict(dict(plots=True, overlays=4, overlay_classes=3))
     c.mesh = ml_collections.ConfigDict(dict(data=-1))
-    c.distributed = ml_collections.ConfigDict(
-        dict(initialize="auto", coordinator_address="", num_processes=1, process_id=0)
-    )
+    c.distributed = common.distributed()
     return c

@@ -8,6 +8,8 @@ released model continued the 448 stage (vitl16_448.py): set train.init_from to i
 
 import ml_collections
 
+from configs import common
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -80,12 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
         profile_start=-1,  # first step of a profiler trace (workdir/profile); -1: none
         profile_steps=5,
     )
-    c.distributed = dict(
-        initialize="auto",  # "auto": cluster auto-detection (TPU VM, SLURM) when present; "never"; "always"
-        coordinator_address="",  # GPU clusters without auto-detection: host:port of process 0
-        num_processes=0,
-        process_id=-1,
-    )
+    c.distributed = common.distributed()
     # Online evaluation of the teacher during the run (chexfound_jax.eval.online): weighted kNN and a ridge
     # probe on a labelled, patient-split data_prep dataset, and collapse monitors. Off when every = 0.
     holdout = (0.8, 0.2)  # of the shard split's patients: probe/kNN train part, test part
