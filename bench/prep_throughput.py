@@ -3,7 +3,7 @@
 For every input file three things are timed, interleaved, --repeats times each:
 
 * floor: reading and decoding the pixels alone, `pydicom.dcmread(force=True)` + `ds.pixel_array`
-  (through `decode.read_dicom`, which also sets the Transfer Syntax of ACR-NEMA files), or for
+  (through `decode_dicom.read_dicom`, which also sets the Transfer Syntax of ACR-NEMA files), or for
   PNG/JPEG `PIL.Image.open` + `np.asarray`;
 * full: what the pipeline does per item, `decode.convert_file(path, size, dtype)` with the default
   gates (decode, Modality LUT, VOI or percentile window, polarity, quality gates, Lanczos resize
@@ -60,7 +60,7 @@ import pydicom
 from PIL import Image
 from pydicom.uid import UID
 
-from data_prep import decode, quality, records
+from data_prep import decode, decode_common, decode_dicom, decode_image, quality, records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -142,7 +142,7 @@ def floor(path: pathlib.Path) -> np.ndarray:
     if decode._is_image_file(path):
         with Image.open(path) as img:
             return np.asarray(img)
-    return decode.read_dicom(path).pixel_array
+    return decode_dicom.read_dicom(path).pixel_array
 
 
 def full(path: pathlib.Path, size: int, dtype: str, compress_level: int) -> bytes:
@@ -167,30 +167,30 @@ def staged(path: pathlib.Path, size: int, dtype: str, compress_level: int) -> tu
     clock, name = _Clock(), os.fspath(path)
     if decode._is_image_file(path):
         with clock("read+decode"):
-            arr, bits, fmt = decode.read_image(path)
+            arr, bits, fmt = decode_image.read_image(path)
         with clock("gates"):
-            gray = decode._gray(arr, name, decode.RGB_TOLERANCE * (2**bits - 1) / 255)
-            corr = decode.pixel_gates(gray, name, quality.NOISE_CORRELATION)
+            gray = decode_common._gray(arr, name, decode_common.RGB_TOLERANCE * (2**bits - 1) / 255)
+            corr = decode_common.pixel_gates(gray, name, quality.NOISE_CORRELATION)
         with clock("display"):
-            pixels = decode.unit_pixels(gray, bits)
-            decode.size_gate(pixels.shape, name, quality.MIN_SIZE)
-            meta = dict.fromkeys(decode.METADATA_KEYS) | {"path": name, "format": fmt, "bits_stored": bits}
+            pixels = decode_common.unit_pixels(gray, bits)
+            decode_common.size_gate(pixels.shape, name, quality.MIN_SIZE)
+            meta = dict.fromkeys(decode_common.METADATA_KEYS) | {"path": name, "format": fmt, "bits_stored": bits}
             meta |= {"original_size": pixels.shape, "neighbour_correlation": round(corr, 4)}
         source = gray
     else:
         with clock("read+decode"):
-            ds = decode.read_dicom(path)
-            decode.check_header(ds, name, quality.DEFAULT_MODALITIES, True)
-            stored = decode.decode_pixels(ds, name)
+            ds = decode_dicom.read_dicom(path)
+            decode_dicom.check_header(ds, name, quality.DEFAULT_MODALITIES, True)
+            stored = decode_dicom.decode_pixels(ds, name)
         with clock("gates"):
-            corr = decode.pixel_gates(stored, name, quality.NOISE_CORRELATION)
+            corr = decode_common.pixel_gates(stored, name, quality.NOISE_CORRELATION)
         with clock("display"):
-            pixels, display = decode.display_pixels(stored, ds)
-            meta = decode.dicom_metadata(ds, name, "") | display | {"neighbour_correlation": round(corr, 4)}
-            decode.size_gate(pixels.shape, name, quality.MIN_SIZE)
+            pixels, display = decode_dicom.display_pixels(stored, ds)
+            meta = decode_dicom.dicom_metadata(ds, name, "") | display | {"neighbour_correlation": round(corr, 4)}
+            decode_common.size_gate(pixels.shape, name, quality.MIN_SIZE)
         source = stored
     with clock("resize"):
-        image = decode.to_output(decode.Decoded(pixels, meta), size, dtype)
+        image = decode.to_output(decode_common.Decoded(pixels, meta), size, dtype)
     with clock("hashes"):
         meta |= {"source_pixel_sha256": quality.pixel_sha256(source), "pixel_sha256": quality.pixel_sha256(image)}
         meta |= {"phash": f"{quality.perceptual_hash(image):016x}"}

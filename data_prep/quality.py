@@ -1,6 +1,6 @@
 """Quality gates for decoded radiographs: pure functions, plus a small cross-source deduplicator.
 
-`decode.py` calls the per-image gates and turns a failed one into a `Rejected` with a reason code;
+The decoders (`decode_*.py`) call the per-image gates and turn a failed one into a `Rejected` with a reason code;
 each gate lives here once so the rule and its justification are in one place:
 
 * modality: only projection radiographs (CR, DX by default) are chest X-ray candidates; CT/MR/MG/OT

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from bench import prep_throughput
-from data_prep import decode, quality, records
+from data_prep import decode, decode_dicom, quality, records
 
 DATA = pathlib.Path(__file__).parent / "data"
 CHEST = DATA / "dicom" / "chest"
@@ -62,8 +62,8 @@ def test_bench_categories_and_derived_inputs(tmp_path):
 def reference_display(stored: np.ndarray, ds: Dataset) -> tuple[np.ndarray, dict]:
     """Modality LUT, VOI rule and polarity on the full array of values (no table, no histogram)."""
     values = np.asarray(apply_modality_lut(stored, ds), np.float64)
-    unit, voi = decode.apply_voi_rule(values, ds)
-    inverted, _ = decode.display_inverted(
+    unit, voi = decode_dicom.apply_voi_rule(values, ds)
+    inverted, _ = decode_dicom.display_inverted(
         str(ds.get("PhotometricInterpretation", "")),
         str(ds.get("PresentationLUTShape", "") or ""),
         int(ds.PixelIntensityRelationshipSign) if "PixelIntensityRelationshipSign" in ds else None,
@@ -90,13 +90,13 @@ def reference_correlation(pixels: np.ndarray) -> float:
 def test_display_table_equals_full_array_steps(path):
     """The table lookup (PixelTable) gives the very pixels and window of the per-pixel computation."""
     try:
-        ds = decode.read_dicom(path)
-        stored = decode.decode_pixels(ds, path.name)
+        ds = decode_dicom.read_dicom(path)
+        stored = decode_dicom.decode_pixels(ds, path.name)
     except decode.Rejected:
         pytest.skip("does not decode")
     if quality.is_blank(stored):
         pytest.skip("blank")
-    pixels, info = decode.display_pixels(stored, ds)
+    pixels, info = decode_dicom.display_pixels(stored, ds)
     want, voi = reference_display(stored, ds)
     assert pixels.dtype == np.float32 and pixels.shape == want.shape
     np.testing.assert_array_equal(pixels, want)
@@ -127,7 +127,7 @@ def test_display_table_on_synthetic_pixels(dtype, tags):
     rng = np.random.default_rng(0)
     stored = rng.integers(max(info.min, -3000), min(info.max, 4000), (37, 53), endpoint=True).astype(dtype)
     ds = _dataset(**tags)
-    pixels, _ = decode.display_pixels(stored, ds)
+    pixels, _ = decode_dicom.display_pixels(stored, ds)
     want, _ = reference_display(stored, ds)
     np.testing.assert_array_equal(pixels, want)
 
@@ -141,11 +141,12 @@ def test_histogram_percentiles_are_bit_identical(n):
         table = np.arange(50) * scale + 7.25
         counts = np.bincount(stored, minlength=50)
         for q in [(0.5, 99.5), (0.0, 100.0), (25.0, 75.0), (49.9, 50.1)]:
-            assert decode.percentile_window(table, q, counts) == decode.percentile_window(values, q)
-            assert decode.percentile_window(table, q, lambda c=counts: c) == decode.percentile_window(values, q)
+            want = decode_dicom.percentile_window(values, q)
+            assert decode_dicom.percentile_window(table, q, counts) == want
+            assert decode_dicom.percentile_window(table, q, lambda c=counts: c) == want
         for center, width in [(20.0, 10.0), (-1e9, 1.0), (7.0, 1e9), (table[3], 2.0)]:
-            want = decode.window_coverage(values, center, width)
-            assert decode.window_coverage(table, center, width, counts) == want
+            want = decode_dicom.window_coverage(values, center, width)
+            assert decode_dicom.window_coverage(table, center, width, counts) == want
 
 
 def test_neighbour_correlation_equals_its_definition():
@@ -162,7 +163,7 @@ def test_neighbour_correlation_equals_its_definition():
         np.zeros((1, 1), np.uint8),
     ]
     smooth = np.cumsum(np.cumsum(rng.integers(0, 3, (700, 400)), 0), 1).astype(np.uint16)  # > 1 block
-    cases += [smooth, decode.decode_pixels(decode.read_dicom(SMALL_DICOM), "cr")]
+    cases += [smooth, decode_dicom.decode_pixels(decode_dicom.read_dicom(SMALL_DICOM), "cr")]
     for x in cases:
         assert quality.neighbour_correlation(x) == pytest.approx(reference_correlation(x), abs=1e-12), x.shape
     assert quality.neighbour_correlation(np.zeros((0, 4))) == 0.0

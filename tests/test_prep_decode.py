@@ -11,7 +11,7 @@ from PIL import Image
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
-from data_prep import decode, quality
+from data_prep import decode, decode_dicom, quality
 
 DATA = pathlib.Path(__file__).parent / "data"
 DICOM = DATA / "dicom"
@@ -93,9 +93,9 @@ def test_misleading_dx_tags_follow_the_documented_rule(chest):
     assert meta["window_source"] == "percentile" and meta["stale_window"]
     assert (meta["inverted"], meta["polarity_source"]) == (True, "intensity_sign")
     # Honouring MONOCHROME2 would have given white lungs: the window misses every pixel.
-    ds = decode.read_dicom(str(DX_J2K))
-    values = decode.decode_pixels(ds, "dx").astype(np.float64)
-    assert decode.window_coverage(values, 2725, 5310) == 0.0
+    ds = decode_dicom.read_dicom(str(DX_J2K))
+    values = decode_dicom.decode_pixels(ds, "dx").astype(np.float64)
+    assert decode_dicom.window_coverage(values, 2725, 5310) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_misleading_dx_tags_follow_the_documented_rule(chest):
     ],
 )
 def test_polarity_rule(photometric, plut, sign, stale, expected):
-    assert decode.display_inverted(photometric, plut, sign, stale) == expected
+    assert decode_dicom.display_inverted(photometric, plut, sign, stale) == expected
 
 
 def test_acr_nema_without_file_meta_equals_part10_rewrite(chest):
@@ -197,8 +197,8 @@ def test_jpeg_extended_12bit_is_a_decode_error():
 def test_noise_gate_on_garbage_decode():
     error = reject_reason(decode.decode_dicom, NOISE, allowed_modalities=("CR", "DX", "CT"))
     assert error.reason == "noise" and NOISE.name in error.message
-    ds = decode.read_dicom(str(NOISE))
-    garbage = decode.decode_pixels(ds, "noise")
+    ds = decode_dicom.read_dicom(str(NOISE))
+    garbage = decode_dicom.decode_pixels(ds, "noise")
     assert garbage.min() == -32768 and garbage.max() == 32767
     assert quality.is_noise(garbage)
     assert quality.neighbour_correlation(np.random.default_rng(0).normal(size=(256, 256))) < 0.05

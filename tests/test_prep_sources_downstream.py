@@ -16,7 +16,7 @@ import pytest
 from helpers import by_id, touch, write_csv
 from PIL import Image
 
-from data_prep import decode, local_runner, pipeline, records, writers
+from data_prep import decode, decode_jsrt, local_runner, pipeline, records, writers
 from data_prep.sources import SOURCES, get_source
 from data_prep.sources.cxr_lt import CXR_LT_LABELS, CxrLt, match_label_columns
 from data_prep.sources.jsrt import Jsrt
@@ -297,7 +297,7 @@ def test_jsrt_raw_decode(tmp_path):
     gray = np.asarray(Image.open(NIH_PNG))
     path = tmp_path / "JPCLN001.IMG"
     write_jsrt_raw(path, gray)
-    assert path.stat().st_size == 2048 * 2048 * 2 and decode.is_jsrt_raw(path)
+    assert path.stat().st_size == 2048 * 2048 * 2 and decode_jsrt.is_jsrt_raw(path)
     decoded = decode.decode_file(path, source="jsrt")
     expected = np.repeat(np.repeat(gray, 4, axis=0), 4, axis=1) / 255.0  # bright bone, as the PNG shows it
     assert decoded.pixels.shape == (2048, 2048) and decoded.pixels.dtype == np.float32
@@ -317,12 +317,12 @@ def test_jsrt_raw_decode(tmp_path):
     assert err.value.reason == "decode_error" and "exceeds 12 bits" in err.value.message
     short = tmp_path / "JPCLN002.IMG"  # any other .IMG goes to the DICOM reader, as before
     short.write_bytes(path.read_bytes()[:1000])
-    assert not decode.is_jsrt_raw(short)
+    assert not decode_jsrt.is_jsrt_raw(short)
     with pytest.raises(decode.Rejected) as err:
         decode.decode_file(short)
     assert err.value.reason == "unreadable"
     dicom = DATA / "dicom" / "chest" / "derived_cxr_cr_mono1_10bit_explicitLE_part10_from_CR-MONO1-10-chest.dcm"
-    assert not decode.is_jsrt_raw(dicom) and decode.decode_file(dicom).metadata["format"] == "dicom"
+    assert not decode_jsrt.is_jsrt_raw(dicom) and decode.decode_file(dicom).metadata["format"] == "dicom"
 
 
 # --- end to end ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Release: 247 PA films digitised at 2048x2048, 0.175 mm pixels, 12 bits: 154 with one lung nodule
 (JPCLN001 ... JPCLN154) and 93 without (JPCNN001 ... JPCNN093). The original files are raw .IMG (no header,
-big-endian 16-bit words, values growing with film density, so 0 is white; `data_prep.decode` reads them) in
+big-endian 16-bit words, values growing with film density, so 0 is white; `data_prep.decode_jsrt` reads them) in
 All247images/; converted copies with the same base names (.png/.jpg, as the SCR and most mirrors ship them)
 work too. The images are looked for in `image_dir` (default: All247images/, else images/, else the root
 itself); when a name exists with several extensions the first of `extensions` wins (default: the original .IMG,
