@@ -43,7 +43,7 @@ else
 fi
 
 # Distributions the check needs that are not importable (grain, tensorflow_datasets and array_record are not
-# needed: without them finish_on_device runs the same steps from bench/gpu_check.py).
+# needed: without them finish_on_device runs the same steps from bench/gpu_check_photometry.py).
 missing() {
   "$PY" - <<'EOF'
 import importlib.util

@@ -7,7 +7,7 @@ import pathlib
 import subprocess
 import sys
 
-from bench import gpu_check
+from bench import gpu_check_photometry, gpu_check_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SECTIONS = ("environment", "vit_forward", "finish_on_device", "compile_check", "train_step")
@@ -96,14 +96,15 @@ def _report(batch, peak, fits=None, hbm=80e9):
 
 def test_fit_verdict_for_32_per_80gb():
     gb = 1e9
-    assert gpu_check._fit_verdict([_report(64, 70 * gb, True)]) is True  # a larger batch fits: 32 does
-    assert gpu_check._fit_verdict([_report(64, 100 * gb, False), _report(48, 75 * gb, True)]) is True
-    assert gpu_check._fit_verdict([_report(32, 81 * gb, False)]) is False
+    fit_verdict = gpu_check_report._fit_verdict
+    assert fit_verdict([_report(64, 70 * gb, True)]) is True  # a larger batch fits: 32 does
+    assert fit_verdict([_report(64, 100 * gb, False), _report(48, 75 * gb, True)]) is True
+    assert fit_verdict([_report(32, 81 * gb, False)]) is False
     # Fits an H200 at 64, 90 GB: says nothing about 32 in 80 GB.
-    assert gpu_check._fit_verdict([_report(64, 90 * gb, True, hbm=141e9)]) is None
+    assert fit_verdict([_report(64, 90 * gb, True, hbm=141e9)]) is None
     # Out of memory at compile (no buffer figures) on an 80 GB chip at 16: 32 cannot fit either.
-    assert gpu_check._fit_verdict([{"status": "ok", "per_device_batch": 16, "fits": False, "hbm_bytes": 80e9}]) is False
-    assert gpu_check._fit_verdict([{"per_device_batch": 64, "status": "skipped: time budget"}]) is None
+    assert fit_verdict([{"status": "ok", "per_device_batch": 16, "fits": False, "hbm_bytes": 80e9}]) is False
+    assert fit_verdict([{"per_device_batch": 64, "status": "skipped: time budget"}]) is None
 
 
 def test_mfu_verdict_needs_32_images():
@@ -117,7 +118,7 @@ def test_mfu_verdict_needs_32_images():
         }
 
     def verdict(runs, fits=True):
-        return gpu_check.verdicts({"compile_check": {"fits_32_per_80gb": fits}, "train_step": {"runs": runs}})
+        return gpu_check_report.verdicts({"compile_check": {"fits_32_per_80gb": fits}, "train_step": {"runs": runs}})
 
     assert verdict([run(48, 61.0)])["mfu_target_met"] is True
     assert verdict([run(48, 59.0), run(32, 55.0)])["mfu_target_met"] is False
@@ -135,9 +136,9 @@ def test_pipeline_step_copies_match_the_pipeline():
     from configs.pretrain import tiny_cpu
 
     cfg = tiny_cpu.get_config()
-    assert gpu_check.PARAM_PREFIX == pipeline.PARAM_PREFIX
-    ours, _ = gpu_check.pipeline_batch(cfg, 2, np.random.default_rng(0), None)
-    theirs, _ = gpu_check.pipeline_batch(cfg, 2, np.random.default_rng(0), pipeline)
+    assert gpu_check_photometry.PARAM_PREFIX == pipeline.PARAM_PREFIX
+    ours, _ = gpu_check_photometry.pipeline_batch(cfg, 2, np.random.default_rng(0), None)
+    theirs, _ = gpu_check_photometry.pipeline_batch(cfg, 2, np.random.default_rng(0), pipeline)
     assert sorted(ours) == sorted(theirs)
     for k in theirs:
         np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
@@ -145,7 +146,7 @@ def test_pipeline_step_copies_match_the_pipeline():
     assert theirs["global_crops"].dtype == np.uint8 and theirs["global_crops"].shape == (1, 4, 64, 64)
     keys = [k for k in theirs if k not in ("skipped", "record_index")]
     arrays = jax.device_put({k: theirs[k] for k in keys})
-    a, b = gpu_check._finish(arrays, cfg), pipeline.finish_on_device(arrays, cfg)
+    a, b = gpu_check_photometry._finish(arrays, cfg), pipeline.finish_on_device(arrays, cfg)
     assert sorted(a) == sorted(b)
     for k in b:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
