@@ -1,11 +1,32 @@
-"""What every program shares on its command line: absl's flag parsing with readable config errors."""
+"""What every program shares on its command line: absl's flag parsing with readable config errors, and
+logs that show the job's own progress (library INFO records only with --verbosity=1)."""
 
 from __future__ import annotations
 
+import logging
+import pathlib
 import sys
 from collections.abc import Callable, Sequence
 
 from absl import app
+from absl import logging as absl_logging
+
+# The project's own code: its INFO records are the job's progress, kept at the default verbosity.
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+PROJECT_ROOTS = tuple(str(_REPO / d) for d in ("chexfound_jax", "data_prep", "bench"))
+
+
+class LibraryInfoFilter(logging.Filter):
+    """Drops INFO and DEBUG records of libraries (orbax, grain, tfds, jax...) unless --verbosity >= 1."""
+
+    def __init__(self, roots: Sequence[str] = PROJECT_ROOTS):
+        super().__init__()
+        self.roots = tuple(roots)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or absl_logging.get_verbosity() >= 1:
+            return True
+        return str(pathlib.Path(record.pathname).resolve()).startswith(self.roots)
 
 
 def _innermost(error: BaseException) -> str:
@@ -28,5 +49,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """app.run(main) with parse_flags."""
-    app.run(main, flags_parser=parse_flags)
+    """app.run(main) with parse_flags, and library INFO records filtered out of the log."""
+
+    def quiet_main(argv: list[str]) -> None:
+        absl_logging.get_absl_handler().addFilter(LibraryInfoFilter())
+        main(argv)
+
+    app.run(quiet_main, flags_parser=parse_flags)

@@ -31,6 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from chexfound_jax import cli
 from chexfound_jax.data import preprocess
 from chexfound_jax.models import weights
 from chexfound_jax.models.build import model_from_params
@@ -131,4 +132,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

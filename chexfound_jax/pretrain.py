@@ -34,7 +34,7 @@ from chexfound_jax.data import pipeline
 from chexfound_jax.errors import ConfigError
 from chexfound_jax.eval.online import OnlineEval
 from chexfound_jax.models import ModelConfig, weights
-from chexfound_jax.models.vit import ViTConfig
+from chexfound_jax.models.vit import ViTConfig, count_params
 from chexfound_jax.parallel import distributed
 from chexfound_jax.train import checkpoint, flops, metrics, recipe
 from chexfound_jax.train.setup import Training, batch_shards, build_training
@@ -253,7 +253,10 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
         data_state = None
         start = 0
         if lead:
-            logging.info("parameters:\n%s", metrics.parameter_overview(training.abstract_state.student))
+            student = training.abstract_state.student
+            sizes = ", ".join(f"{name} {count_params(tree):,}" for name, tree in student.items())
+            logging.info("student parameters: %s (the table per leaf with --verbosity=1)", sizes)
+            logging.vlog(1, "parameters:\n%s", metrics.parameter_overview(student))
     else:
         state, data_state, _ = ckpt.restore(
             start, abstract_state=training.abstract_state, shardings=training.state_shardings

@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from chexfound_jax import embed
+from chexfound_jax import cli, embed
 from chexfound_jax.convert import export_state_dict, import_state_dict, torch_io
 from chexfound_jax.models import weights
 from chexfound_jax.models.build import model_from_params
@@ -175,4 +175,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

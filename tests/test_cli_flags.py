@@ -40,3 +40,26 @@ def test_a_missing_dataset_ends_the_program_in_one_line(tmp_path):
     out = _pretrain(tmp_path, "--config.data.datasets=('/nonexistent/ds',)")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == "pretrain: data.datasets: /nonexistent/ds does not exist"
+
+
+def test_library_info_records_are_dropped_unless_verbose():
+    import logging
+
+    from absl import logging as absl_logging
+
+    from chexfound_jax import cli
+
+    def record(level, path):
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    library = "/usr/lib/python3/site-packages/orbax/checkpoint/checkpoint_manager.py"
+    ours = cli.PROJECT_ROOTS[0] + "/pretrain.py"
+    keep = cli.LibraryInfoFilter().filter
+    assert keep(record(logging.INFO, ours)) and keep(record(logging.WARNING, library))
+    assert not keep(record(logging.INFO, library))
+    before = absl_logging.get_verbosity()
+    try:
+        absl_logging.set_verbosity(1)  # --verbosity=1: everything
+        assert keep(record(logging.INFO, library))
+    finally:
+        absl_logging.set_verbosity(before)

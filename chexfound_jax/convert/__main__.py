@@ -16,6 +16,7 @@ import sys
 
 from absl import app, flags, logging
 
+from chexfound_jax import cli
 from chexfound_jax.convert import heads, layouts, pytorch, torch_io
 from chexfound_jax.models import classifiers, weights
 from chexfound_jax.models.vit import count_params
@@ -123,4 +124,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
