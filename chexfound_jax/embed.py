@@ -32,8 +32,8 @@ from absl import app, flags, logging
 from flax import nnx
 
 from chexfound_jax import cli
+from chexfound_jax.convert.backbone import load_backbone
 from chexfound_jax.data import preprocess
-from chexfound_jax.models import weights
 from chexfound_jax.models.build import model_from_params
 from chexfound_jax.models.vit import VisionTransformer
 
@@ -102,7 +102,8 @@ def embed_images(
 
 def define_flags() -> None:
     """The program's flags, defined only when it runs as a program (importing the module claims no flag names)."""
-    flags.DEFINE_string("checkpoint", None, "A chexfound_jax weights directory (convert --to=jax).")
+    flags.DEFINE_string("checkpoint", None, "Backbone: a weights directory, or a .pth / .safetensors file.")
+    flags.DEFINE_integer("num_heads", None, "Attention heads of a PyTorch backbone, if not embed_dim / 64.")
     flags.DEFINE_string("out", None, "Output .npz file.")
     flags.DEFINE_integer("batch_size", 8, "Images per forward pass.", lower_bound=1)
     flags.DEFINE_integer("image_size", None, "Resize/crop size; default: the backbone's img_size.")
@@ -116,14 +117,13 @@ def main(argv: list[str]) -> None:
     if not paths:
         raise app.UsageError("no IMAGE given")
     try:
-        cfg = weights.load_config(flags.FLAGS.checkpoint)
-        if flags.FLAGS.n_last_blocks > cfg.backbone.depth:
-            raise app.UsageError(f"--n_last_blocks={flags.FLAGS.n_last_blocks} exceeds the depth {cfg.backbone.depth}")
-        images = load_images(paths, flags.FLAGS.image_size or cfg.backbone.img_size)
-    except (preprocess.ImageError, FileNotFoundError) as e:
+        vit_cfg, params = load_backbone(flags.FLAGS.checkpoint, flags.FLAGS.num_heads)
+        if flags.FLAGS.n_last_blocks > vit_cfg.depth:
+            raise app.UsageError(f"--n_last_blocks={flags.FLAGS.n_last_blocks} exceeds the depth {vit_cfg.depth}")
+        images = load_images(paths, flags.FLAGS.image_size or vit_cfg.img_size)
+    except (preprocess.ImageError, FileNotFoundError, ValueError) as e:
         sys.exit(f"embed: {e}")
-    cfg, params = weights.load_weights(flags.FLAGS.checkpoint, dtype=flags.FLAGS.dtype)
-    model = model_from_params(cfg.backbone, params["backbone"])
+    model = model_from_params(vit_cfg.replace(dtype=flags.FLAGS.dtype), params)
     features = embed_arrays(model, images, flags.FLAGS.batch_size, flags.FLAGS.n_last_blocks)
     with open(flags.FLAGS.out, "wb") as f:  # np.savez(path) would append ".npz" to other names
         np.savez(f, paths=np.asarray(paths, dtype=str), **features)

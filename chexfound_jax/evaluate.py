@@ -25,11 +25,10 @@ from etils import epath
 from ml_collections import config_flags
 
 from chexfound_jax import cli
+from chexfound_jax.convert.backbone import load_backbone
 from chexfound_jax.data import classification
 from chexfound_jax.eval import label_efficiency, loop, predict, workflows
 from chexfound_jax.eval.probe import FrozenFeatures
-from chexfound_jax.models import weights
-from chexfound_jax.models.vit import ViTConfig
 from chexfound_jax.parallel import distributed
 from chexfound_jax.parallel.mesh import create_mesh
 from chexfound_jax.train.metrics import MetricsWriter
@@ -40,20 +39,6 @@ WORKFLOWS = {
     "ood": workflows.run_ood,
     "predict": predict.run,
 }
-
-
-def load_backbone(checkpoint: str, num_heads: int | None = None) -> tuple[ViTConfig, dict]:
-    """(backbone config, backbone params) from a weights directory or a PyTorch checkpoint file."""
-    path = epath.Path(checkpoint)
-    if path.is_dir():
-        cfg, params = weights.load_weights(path)
-        return cfg.backbone, params["backbone"]
-    if not path.exists():
-        raise FileNotFoundError(f"{checkpoint} not found")
-    from chexfound_jax.convert import pytorch, torch_io
-
-    cfg, params = pytorch.import_state_dict(torch_io.read_checkpoint(path), num_heads=num_heads)
-    return cfg.backbone, params["backbone"]
 
 
 def environment(cfg: Any, checkpoint: str, devices: Sequence[jax.Device] | None = None) -> workflows.Environment:

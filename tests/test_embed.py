@@ -99,3 +99,12 @@ def test_cli_bad_image_fails_naming_the_file(weights_dir, tmp_path):
     assert proc.returncode != 0
     assert f"embed: {bad}:" in proc.stderr
     assert not out.exists()
+
+
+def test_cli_reads_the_official_pth_as_it_reads_converted_weights(cli_features, tmp_path):
+    out = tmp_path / "features.npz"
+    proc = _cli(f"--checkpoint={TINY_TEACHER}", f"--num_heads={TINY_HEADS}", f"--out={out}", IMAGE1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(out) as f:
+        np.testing.assert_allclose(f["cls_token"][0], cli_features[1]["cls_token"][0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(f["patch_tokens"][0], cli_features[1]["patch_tokens"][0], rtol=1e-6, atol=1e-6)

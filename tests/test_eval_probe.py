@@ -5,10 +5,10 @@ import pytest
 import synthetic
 from helpers import TINY_HEADS, TINY_TEACHER
 
+from chexfound_jax.convert.backbone import load_backbone
 from chexfound_jax.data import classification
 from chexfound_jax.eval import loop
 from chexfound_jax.eval.probe import FrozenFeatures, HeadBank, Optimization
-from chexfound_jax.evaluate import load_backbone
 from chexfound_jax.models.classifiers import ClassifierConfig
 from chexfound_jax.parallel.mesh import create_mesh
 from chexfound_jax.train.checkpoint import Checkpointer
