@@ -109,3 +109,20 @@ def test_config_names(config):
             np.testing.assert_array_equal(getattr(got, name)(steps), getattr(ref, name)(steps))
     with pytest.raises(KeyError, match="base_lr"):
         Schedules.from_config({k: v for k, v in ours.items() if k != "base_lr"})
+
+
+@pytest.mark.parametrize(
+    "name, batch, peak_lr",
+    [
+        ("vitl16_224", 304, 1.09e-4),  # 8 GPUs x 38
+        ("vitl16_448", 112, 6.61e-5),  # 8 x 14
+        ("vitl16_512", 80, 5.59e-5),  # the yaml's 8 x 10
+        ("vitl16_512_b112", 112, 6.61e-5),  # the released run's log: 8 x 14
+    ],
+)
+def test_stage_configs_give_the_official_batch_and_lr(name, batch, peak_lr):
+    import importlib
+
+    cfg = importlib.import_module(f"configs.pretrain.{name}").get_config()
+    assert cfg.train.global_batch_size == batch and cfg.train.batch_groups == 8  # one group per official GPU
+    assert scaled_lr(cfg.optim.base_lr, batch) == pytest.approx(peak_lr, rel=3e-3)
