@@ -245,8 +245,7 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
     layout = pipeline.train_layout(cfg, batch_shards(training.rules, training.mesh), process_count=shards)
     dataset = pipeline.training_dataset(cfg, layout, process_index=shard)
 
-    start = ckpt.latest_step()
-    if start is None:
+    if ckpt.latest_step() is None:
         state = training.init_state()
         if cfg.train.init_from:
             state = init_from(training, state, cfg.train.init_from, cfg.train.init_pos_embed)
@@ -257,9 +256,9 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
             sizes = ", ".join(f"{name} {count_params(tree):,}" for name, tree in student.items())
             logging.info("student parameters: %s (the table per leaf with --verbosity=1)", sizes)
             logging.vlog(1, "parameters:\n%s", metrics.parameter_overview(student))
-    else:
-        state, data_state, _ = ckpt.restore(
-            start, abstract_state=training.abstract_state, shardings=training.state_shardings
+    else:  # the newest checkpoint that restores whole (a damaged one is named, skipped and kept)
+        start, state, data_state, _ = ckpt.restore_newest(
+            abstract_state=training.abstract_state, shardings=training.state_shardings
         )
         logging.info("resumed from step %d in %s", start, ckpt.directory)
     online = None

@@ -199,3 +199,28 @@ def test_a_checkpoint_of_another_state_is_refused_by_name(tmp_path):
         assert ckpt.saved_config() == {"head": {"kind": "linear"}}  # read without the state
         with pytest.raises(ValueError, match=rf"{tmp_path} step 2 does not fit this run's state.*\(3,\)"):
             _restore_tiny(ckpt)  # w is (3,) here
+
+
+def test_damage_is_told_apart_from_another_configuration(tmp_path):
+    from chexfound_jax.train.checkpoint import DamagedCheckpointError
+
+    state = {"w": jnp.arange(60.0).reshape(6, 10), "b": jnp.ones(7)}
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
+    with Checkpointer(tmp_path, save_every=1, keep_last=3, async_save=False) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, jax.tree.map(lambda x, s=step: x + s, state), {"step": step}, {})
+    metadata = tmp_path / "2" / "state" / "_METADATA"
+    metadata.write_text(metadata.read_text()[:50])  # a copy cut short
+    with Checkpointer(tmp_path, save_every=1, keep_last=3) as ckpt:
+        with pytest.raises(DamagedCheckpointError, match=r"step 2 is damaged: .*state/_METADATA"):
+            ckpt.restore(2, abstract_state=state, shardings=shardings)
+        other = {"w": jnp.zeros((3, 3)), "b": jnp.ones(7)}
+        with pytest.raises(ValueError, match="step 1 does not fit this run's state") as info:
+            ckpt.restore(1, abstract_state=other, shardings=shardings)
+        assert not isinstance(info.value, DamagedCheckpointError)
+        step, restored, data, _ = ckpt.restore_newest(abstract_state=state, shardings=shardings)
+        assert step == 1 and data == {"step": 1} and float(restored["b"][0]) == 2.0
+        assert (tmp_path / "2.damaged" / "state" / "_METADATA").exists() and ckpt.all_steps() == [1]
+        (tmp_path / "1" / "state" / "_METADATA").write_text("{")
+        with pytest.raises(DamagedCheckpointError, match="no checkpoint restores whole"):
+            ckpt.restore_newest(abstract_state=state, shardings=shardings)

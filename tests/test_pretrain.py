@@ -160,6 +160,27 @@ def test_restore_from_eight_devices_onto_four_and_continue(dataset, tmp_path):
     assert [r["step"] for r in jsonl(tmp_path)] == list(range(1, 13))  # resumed at 10, nothing repeated
 
 
+def test_a_damaged_newest_checkpoint_is_named_kept_and_skipped(dataset, tmp_path, caplog):
+    """As a bad disk or an interrupted copy leaves it: the newest checkpoint's array files truncated. The
+    rerun resumes from the one before, names the damaged files, and deletes nothing."""
+    pretrain.train(config(dataset, steps=10), tmp_path, devices=jax.devices()[:2])  # checkpoints at 5 and 10
+    ckpts = tmp_path / "checkpoints"
+    truncated = [f for f in (ckpts / "10" / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert truncated
+    for f in truncated:
+        os.truncate(f, f.stat().st_size // 2)
+    with caplog.at_level("WARNING"):
+        last = pretrain.train(config(dataset, steps=12), tmp_path, devices=jax.devices()[:2])
+    assert last["step"] == 12 and np.isfinite(last["total_loss"])
+    warning = "\n".join(r.getMessage() for r in caplog.records if "damaged" in r.getMessage())
+    assert "step 10 is damaged" in warning and any(f.name in warning for f in truncated), warning
+    aside = ckpts / "10.damaged" / "state"
+    assert sorted(f.name for f in aside.rglob("*") if f.parent.name == "d") == sorted(f.name for f in truncated)
+    assert {p.name for p in ckpts.iterdir()} >= {"10.damaged", "12"}
+    steps = [r["step"] for r in jsonl(tmp_path)]
+    assert steps[:10] == list(range(1, 11)) and steps[10:] == list(range(6, 13))  # resumed at 5
+
+
 def test_nonfinite_loss_stops_or_skips(dataset, tmp_path):
     cfg = config(dataset, steps=8)
     cfg.debug.inject_nan_at_step = 6  # the 7th step

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from chexfound_jax.data import classification
 from chexfound_jax.data.pipeline import DeviceIterator, global_batch, process_data_shard
 from chexfound_jax.eval.probe import HeadBank, check_flip
-from chexfound_jax.train.checkpoint import Checkpointer
+from chexfound_jax.train.checkpoint import Checkpointer, DamagedCheckpointError
 from chexfound_jax.train.metrics import Progress
 
 
@@ -88,14 +88,16 @@ def fit(
     """
     log.setdefault("losses", [])
     if checkpointer is not None and checkpointer.latest_step() is not None:
-        if config is not None and (changed := config_changes(checkpointer.saved_config(), config)):
-            raise ValueError(
-                f"{checkpointer.directory} holds head training of another configuration (changed: "
-                f"{', '.join(changed)}): use a new workdir or remove it to start over"
-            )
         abstract = bank.abstract_state()
         shardings = jax.tree.map(lambda _: bank.replicated, abstract)
-        state, saved, _ = checkpointer.restore(abstract_state=abstract, shardings=shardings)
+        try:  # the newest checkpoint that restores whole (a damaged one is named, skipped and kept)
+            _, state, saved, saved_config = checkpointer.restore_newest(abstract_state=abstract, shardings=shardings)
+        except DamagedCheckpointError:
+            raise
+        except ValueError:  # shapes that do not fit: say which settings changed, if the config can tell
+            _refuse_other_config(checkpointer, checkpointer.saved_config(), config)
+            raise
+        _refuse_other_config(checkpointer, saved_config, config)
         log.clear()
         log.update(saved)
         logging.info("resumed head training at step %d from %s", int(state["step"]), checkpointer.directory)
@@ -143,6 +145,14 @@ RESUME_KEYS = (
     "data.rot90_p", "data.train_minmax", "train.lrs", "train.weight_decay", "train.asymmetric_loss",
     "train.batch_size", "train.val_epochs", "train.epochs", "train.seed", "refit.warm_start", "label_efficiency",
 )  # fmt: skip
+
+
+def _refuse_other_config(checkpointer: Checkpointer, saved: Mapping[str, Any], config: Any) -> None:
+    if config is not None and (changed := config_changes(saved, config)):
+        raise ValueError(
+            f"{checkpointer.directory} holds head training of another configuration (changed: "
+            f"{', '.join(changed)}): use a new workdir or remove it to start over"
+        )
 
 
 def config_changes(saved: Mapping[str, Any], config: Any, keys: Sequence[str] = RESUME_KEYS) -> list[str]:

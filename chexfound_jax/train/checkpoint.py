@@ -22,6 +22,11 @@ keep_every=4 keeps {4, 8, 9}).
 Restoring reads each array straight into the target sharding (abstract arrays carrying the new mesh's
 NamedShardings), so a checkpoint written on one mesh restores onto another size or layout.
 
+A step whose files are damaged (truncated by a bad disk or an interrupted copy between buckets) is told
+apart from one written by another configuration: its saved metadata cannot be read, or matches this run's
+state while its arrays cannot be. `restore_newest` then names the damaged files, renames the step to
+`<step>.damaged` (nothing is deleted) and falls back to the newest step that restores whole.
+
 Multi-process: every process must construct the Checkpointer and call `save`, `restore`, `wait` and
 `close` at the same steps (orbax runs collective barriers inside them; each process writes its own
 shards and the primary process alone writes metadata and finalises). Nothing here is process-0-only.
@@ -30,17 +35,63 @@ shards and the primary process alone writes metadata and finalises). Nothing her
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_decision_lib
 
 STATE, DATA, CONFIG = "state", "data", "config"
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")  # orbax's JSON bookkeeping
+
+
+class DamagedCheckpointError(ValueError):
+    """No saved step restores whole; the message names the damaged files of each."""
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{"a/b/c": shape} of every leaf: a dataclass state and orbax's nested-dict metadata compare equal."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _files(directory: epath.Path) -> list[epath.Path]:
+    """Every file under `directory` (epath globs are not recursive on GCS by design; a step holds few files)."""
+    out = []
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        out.extend(_files(entry) if entry.is_dir() else [entry])
+    return out
+
+
+def damaged_files(step_dir: epath.Path, error: BaseException | None = None) -> list[str]:
+    """Files of a step directory that cannot be read: empty files, orbax JSON files that do not parse, and
+    the files a restore error names."""
+    bad = set()
+    for f in _files(step_dir):
+        if f.stat().length == 0:
+            bad.add(str(f))
+        elif f.name in _JSON_FILES or f.parent.name == "array_metadatas":
+            try:
+                json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError):
+                bad.add(str(f))
+    if error is not None:
+        bad.update(m for m in re.findall(r'local file "([^"]+)"', str(error)) if epath.Path(m).is_file())
+    return sorted(bad)
 
 
 def _save_replicated_arrays_whole_on_cpu() -> None:
@@ -166,7 +217,8 @@ class Checkpointer:
         `abstract_state` gives the tree structure, shapes and dtypes (e.g. `Training.abstract_state`)
         and `shardings` the matching tree of target shardings (`Training.state_shardings`); arrays are
         read directly into those shardings, whatever mesh wrote them. A checkpoint whose arrays do not
-        fit `abstract_state` (another model or head configuration) is refused with a ValueError naming it.
+        fit `abstract_state` (another model or head configuration) is refused with a ValueError naming it;
+        one whose files are damaged raises DamagedCheckpointError naming them.
         """
         step = self._step(step)
         target = jax.tree.map(
@@ -175,12 +227,54 @@ class Checkpointer:
         args = {STATE: ocp.args.StandardRestore(target), DATA: ocp.args.JsonRestore(), CONFIG: ocp.args.JsonRestore()}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        except ValueError as e:
-            raise ValueError(
-                f"{self.directory} step {step} does not fit this run's state, so it was written by another "
-                f"configuration: use a new directory or remove it ({e})"
+        except Exception as e:  # told apart below: a mismatch or damage is re-raised as such
+            if self._saved_shapes(step) not in (None, _shapes(abstract_state)):
+                raise ValueError(
+                    f"{self.directory} step {step} does not fit this run's state, so it was written by another "
+                    f"configuration: use a new directory or remove it ({e})"
+                ) from e
+            files = damaged_files(self.directory / str(step), e)
+            raise DamagedCheckpointError(
+                f"{self.directory} step {step} is damaged: {', '.join(files) or 'unreadable'} ({str(e)[:300]})"
             ) from e
         return restored[STATE], restored[DATA], restored[CONFIG]
+
+    def restore_newest(self, *, abstract_state: Any, shardings: Any) -> tuple[int, Any, dict, dict]:
+        """(step, state, data_state, config) of the newest step that restores whole. A damaged step is
+        logged with its damaged files and skipped (and kept on disk); a configuration mismatch raises."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        problems = []
+        for step in steps:
+            try:
+                state, data, config = self.restore(step, abstract_state=abstract_state, shardings=shardings)
+            except DamagedCheckpointError as e:
+                aside = self._set_aside(step)
+                logging.warning("skipping a damaged checkpoint, kept as %s: %s", aside, e)
+                problems.append(str(e))
+                continue
+            if problems:
+                logging.warning("resumed from step %d, the newest checkpoint that restores whole", step)
+            return step, state, data, config
+        raise DamagedCheckpointError("no checkpoint restores whole:\n" + "\n".join(problems))
+
+    def _set_aside(self, step: int) -> epath.Path:
+        """Renames a damaged step directory to `<step>.damaged` (kept for inspection; orbax lists only step
+        numbers), so that the resumed run can save that step again."""
+        aside = self.directory / f"{step}.damaged"
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(aside)
+        multihost_utils.sync_global_devices(f"checkpoint step {step} set aside")
+        self._manager.reload()
+        return aside
+
+    def _saved_shapes(self, step: int) -> dict[str, tuple[int, ...]] | None:
+        """The shapes of the state saved at `step` from its metadata, or None if the metadata is unreadable."""
+        try:
+            return _shapes(self._manager.item_metadata(step)[STATE])
+        except Exception:  # unreadable metadata is damage, whatever the reader raises
+            return None
 
     def close(self) -> None:
         """Waits for pending saves and releases orbax's threads."""
