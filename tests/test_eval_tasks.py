@@ -145,8 +145,8 @@ def test_read_metadata_matches_decode_record(shards, split):
 
 def test_read_metadata_is_fast_on_a_few_thousand_records(tmp_path):
     """Prints read_metadata's speed against decoding every record; asserts only equality, never time."""
-    image = np.asarray(Image.open(os.path.join(REPO, "tests", "data", "images", os.listdir(
-        os.path.join(REPO, "tests", "data", "images"))[0])).convert("L").resize((256, 256)))  # fmt: skip
+    xray = os.path.join(REPO, "tests", "data", "images", "cxr_png_gray8_512_nih_cxr14_00000001_000.png")
+    image = np.asarray(Image.open(xray).convert("L").resize((256, 256)))
     base = records.normalize_record(
         dict(image=image, source="bench", path="", patient_id="", study_id="", image_id="", view_position="PA",
              photometric="MONOCHROME2", split="train", bits_stored=8, original_height=256, original_width=256,
