@@ -163,22 +163,23 @@ def test_restore_from_eight_devices_onto_four_and_continue(dataset, tmp_path):
 def test_a_damaged_newest_checkpoint_is_named_kept_and_skipped(dataset, tmp_path, caplog):
     """As a bad disk or an interrupted copy leaves it: the newest checkpoint's array files truncated. The
     rerun resumes from the one before, names the damaged files, and deletes nothing."""
-    pretrain.train(config(dataset, steps=10), tmp_path, devices=jax.devices()[:2])  # checkpoints at 5 and 10
+    cfg = config(dataset, steps=6, checkpoint_every=3)
+    pretrain.train(cfg, tmp_path, devices=jax.devices()[:2])  # checkpoints at 3 and 6
     ckpts = tmp_path / "checkpoints"
-    truncated = [f for f in (ckpts / "10" / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    truncated = [f for f in (ckpts / "6" / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
     assert truncated
     for f in truncated:
         os.truncate(f, f.stat().st_size // 2)
     with caplog.at_level("WARNING"):
-        last = pretrain.train(config(dataset, steps=12), tmp_path, devices=jax.devices()[:2])
-    assert last["step"] == 12 and np.isfinite(last["total_loss"])
+        last = pretrain.train(config(dataset, steps=8, checkpoint_every=3), tmp_path, devices=jax.devices()[:2])
+    assert last["step"] == 8 and np.isfinite(last["total_loss"])
     warning = "\n".join(r.getMessage() for r in caplog.records if "damaged" in r.getMessage())
-    assert "step 10 is damaged" in warning and any(f.name in warning for f in truncated), warning
-    aside = ckpts / "10.damaged" / "state"
+    assert "step 6 is damaged" in warning and any(f.name in warning for f in truncated), warning
+    aside = ckpts / "6.damaged" / "state"
     assert sorted(f.name for f in aside.rglob("*") if f.parent.name == "d") == sorted(f.name for f in truncated)
-    assert {p.name for p in ckpts.iterdir()} >= {"10.damaged", "12"}
+    assert {p.name for p in ckpts.iterdir()} >= {"6.damaged", "8"}
     steps = [r["step"] for r in jsonl(tmp_path)]
-    assert steps[:10] == list(range(1, 11)) and steps[10:] == list(range(6, 13))  # resumed at 5
+    assert steps[:6] == list(range(1, 7)) and steps[6:] == list(range(4, 9))  # resumed at 3
 
 
 def test_nonfinite_loss_stops_or_skips(dataset, tmp_path):
