@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from chexfound_jax.data import classification
 from chexfound_jax.data.pipeline import DeviceIterator, global_batch, process_data_shard
 from chexfound_jax.eval.probe import HeadBank, check_flip
-from chexfound_jax.train.checkpoint import Checkpointer, DamagedCheckpointError
+from chexfound_jax.train.checkpoint import Checkpointer
 from chexfound_jax.train.metrics import Progress
 
 
@@ -88,15 +88,14 @@ def fit(
     """
     log.setdefault("losses", [])
     if checkpointer is not None and checkpointer.latest_step() is not None:
+        try:
+            _refuse_other_config(checkpointer, checkpointer.saved_config(), config)
+        except (OSError, json.JSONDecodeError):
+            pass  # the newest step is damaged: restore_newest names it and checks the step it falls back to
         abstract = bank.abstract_state()
         shardings = jax.tree.map(lambda _: bank.replicated, abstract)
-        try:  # the newest checkpoint that restores whole (a damaged one is named, skipped and kept)
-            _, state, saved, saved_config = checkpointer.restore_newest(abstract_state=abstract, shardings=shardings)
-        except DamagedCheckpointError:
-            raise
-        except ValueError:  # shapes that do not fit: say which settings changed, if the config can tell
-            _refuse_other_config(checkpointer, checkpointer.saved_config(), config)
-            raise
+        # the newest checkpoint that restores whole (a damaged one is named, skipped and kept)
+        _, state, saved, saved_config = checkpointer.restore_newest(abstract_state=abstract, shardings=shardings)
         _refuse_other_config(checkpointer, saved_config, config)
         log.clear()
         log.update(saved)
