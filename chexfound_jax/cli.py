@@ -3,6 +3,7 @@ logs that show the job's own progress (library INFO records only with --verbosit
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import sys
@@ -26,7 +27,13 @@ class LibraryInfoFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING or absl_logging.get_verbosity() >= 1:
             return True
-        return str(pathlib.Path(record.pathname).resolve()).startswith(self.roots)
+        return _real_path(record.pathname).startswith(self.roots)
+
+
+@functools.lru_cache(maxsize=1024)
+def _real_path(path: str) -> str:
+    """Resolved once per source file, not once per log record."""
+    return str(pathlib.Path(path).resolve())
 
 
 def _innermost(error: BaseException) -> str:
