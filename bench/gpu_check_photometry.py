@@ -51,8 +51,8 @@ def _example(element: dict, rng: np.random.Generator, aug: Any) -> dict:
 
 def _group(examples: list[dict], cfg: Any) -> dict:
     """pipeline._group (crop-major crops and parameters, the group's iBOT masks), likewise."""
+    from chexfound_jax.data import batch_layout
     from chexfound_jax.ssl import masking
-    from chexfound_jax.train import recipe
 
     stacked = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     crop_major = lambda x: np.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
@@ -65,7 +65,7 @@ def _group(examples: list[dict], cfg: Any) -> dict:
         (grid, grid),
         mask_ratio=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
-        max_masked_tokens=recipe.max_masked_tokens(cfg, two_b // 2),
+        max_masked_tokens=batch_layout.max_masked_tokens(cfg, two_b // 2),
     )
     out |= {k: masks[k] for k in ("masks", "mask_indices", "mask_weights", "mask_valid")}
     out["skipped"] = np.int32(stacked["skipped"].sum())
@@ -77,11 +77,10 @@ def _finish(batch: dict, cfg: Any) -> dict:
     """pipeline.finish_on_device for uint8 crops (the photometric ops under jit), likewise."""
     import jax.numpy as jnp
 
-    from chexfound_jax.data import augment
-    from chexfound_jax.train import recipe
+    from chexfound_jax.data import augment, batch_layout
 
     aug = augment.AugmentConfig.from_config(cfg)
-    out = {k: batch[k] for k in recipe.BATCH_KEYS}
+    out = {k: batch[k] for k in batch_layout.BATCH_KEYS}
     for kind in ("global", "local"):
         prefix = f"{PARAM_PREFIX}{kind}_"
         params = {k.removeprefix(prefix): v for k, v in batch.items() if k.startswith(prefix)}
@@ -113,7 +112,7 @@ def pipeline_batch(
 
 
 def finish_on_device(check: Check, deadline: float, out: dict, cfg: Any, devices: list[jax.Device], args) -> None:
-    from chexfound_jax.train import recipe
+    from chexfound_jax.data import batch_layout
 
     pipeline, why = load_pipeline()
     out["via"] = "pipeline.finish_on_device" if pipeline else f"bench.gpu_check copies of the pipeline steps ({why})"
@@ -121,7 +120,7 @@ def finish_on_device(check: Check, deadline: float, out: dict, cfg: Any, devices
     device = devices[0]
     images = args.fod_images
     batch, host_s = pipeline_batch(cfg, images, np.random.default_rng(0), pipeline)
-    keys = [k for k in batch if k in recipe.BATCH_KEYS or k.startswith(PARAM_PREFIX)]
+    keys = [k for k in batch if k in batch_layout.BATCH_KEYS or k.startswith(PARAM_PREFIX)]
     arrays = jax.device_put({k: batch[k] for k in keys}, device)
     fn = jax.jit(lambda b: finish(b, cfg))
     t0 = time.perf_counter()

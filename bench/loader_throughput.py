@@ -377,7 +377,7 @@ def _cell_line(cell: dict[str, Any]) -> str:
 
 def torchvision_spec(cfg: Any, args: argparse.Namespace, png_dir: pathlib.Path) -> dict[str, Any]:
     """What the torchvision side needs to run the same recipe as `cfg` on the same PNGs."""
-    from chexfound_jax.train import recipe
+    from chexfound_jax.data import batch_layout
 
     size = {
         "name": size_name(cfg),
@@ -389,7 +389,7 @@ def torchvision_spec(cfg: Any, args: argparse.Namespace, png_dir: pathlib.Path) 
         "grid": cfg.crops.global_crops_size // cfg.model.patch_size,
         "mask_ratio": list(cfg.ibot.mask_ratio_min_max),
         "mask_probability": cfg.ibot.mask_sample_probability,
-        "max_masked_tokens": recipe.max_masked_tokens(cfg, args.batch),
+        "max_masked_tokens": batch_layout.max_masked_tokens(cfg, args.batch),
     }
     return {
         "png_dir": os.fspath(png_dir),

@@ -11,7 +11,7 @@ through every block). MFU divides the per-device TFLOP/s by --peak_tflops, by de
 dense peak of chexfound_jax.hardware for the device kind (none for CPUs).
 
 --memory_only compiles the step for abstract inputs (jax.ShapeDtypeStruct with their shardings:
-the state from jax.eval_shape of its init, the batch from recipe.batch_spec) and prints XLA's
+the state from jax.eval_shape of its init, the batch from batch_layout.batch_spec) and prints XLA's
 buffer assignment (compiled.memory_analysis()) per device; nothing is allocated, so it sizes
 batches for a machine one does not have.
 

@@ -29,9 +29,9 @@ from chexfound_jax.convert.backbone import load_backbone
 from chexfound_jax.data import classification
 from chexfound_jax.eval import label_efficiency, loop, predict, workflows
 from chexfound_jax.eval.probe import FrozenFeatures
+from chexfound_jax.jobs.logs import MetricsWriter
 from chexfound_jax.parallel import distributed
 from chexfound_jax.parallel.mesh import create_mesh
-from chexfound_jax.train.metrics import MetricsWriter
 
 WORKFLOWS = {
     "probe": workflows.run_probe,

@@ -30,13 +30,15 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from chexfound_jax import cli, hardware
-from chexfound_jax.data import pipeline
+from chexfound_jax.data import batch_layout, pipeline
 from chexfound_jax.errors import ConfigError
 from chexfound_jax.eval.online import OnlineEval
+from chexfound_jax.jobs import checkpoint, logs
+from chexfound_jax.jobs.progress import Progress
 from chexfound_jax.models import ModelConfig, weights
 from chexfound_jax.models.vit import ViTConfig, count_params
 from chexfound_jax.parallel import distributed
-from chexfound_jax.train import checkpoint, flops, metrics, recipe
+from chexfound_jax.train import flops
 from chexfound_jax.train.setup import Training, batch_shards, build_training
 
 SMALL_GLOBAL_BATCH = 64  # below this the DINO/iBOT targets of a step are noisy (paper: 80 to 304)
@@ -110,7 +112,7 @@ def validate(cfg: Any, num_devices: int) -> list[str]:
 
 def check_mesh(cfg: Any, training: Training) -> None:
     shards = batch_shards(training.rules, training.mesh)
-    groups = recipe.batch_groups(cfg, shards)
+    groups = batch_layout.batch_groups(cfg, shards)
     if groups % shards:
         raise ConfigError(
             f"train.batch_groups={groups} groups cannot be split over the {shards} devices of the batch axes "
@@ -184,7 +186,7 @@ def export(workdir: epath.Path, step: int, model_cfg: ModelConfig, state: Any, l
     logging.info("exported step %d to %s", step, out)
 
 
-def evaluate_online(online: OnlineEval, step: int, state: Any, writer: metrics.MetricsWriter, lead: bool) -> None:
+def evaluate_online(online: OnlineEval, step: int, state: Any, writer: logs.MetricsWriter, lead: bool) -> None:
     """Logs the online/* figures of the teacher at `step` (every process embeds its share)."""
     values = online(state.teacher["backbone"])
     writer.write_scalars(step, values)
@@ -231,7 +233,7 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
     check_mesh(cfg, training)
     lead = jax.process_index() == 0
     total_steps = cfg.optim.epochs * cfg.optim.epoch_length
-    writer = metrics.MetricsWriter(workdir, enabled=lead)
+    writer = logs.MetricsWriter(workdir, enabled=lead)
     writer.write_config(cfg)
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints",
@@ -255,7 +257,7 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
             student = training.abstract_state.student
             sizes = ", ".join(f"{name} {count_params(tree):,}" for name, tree in student.items())
             logging.info("student parameters: %s (the table per leaf with --verbosity=1)", sizes)
-            logging.vlog(1, "parameters:\n%s", metrics.parameter_overview(student))
+            logging.vlog(1, "parameters:\n%s", logs.parameter_overview(student))
     else:  # the newest checkpoint that restores whole (a damaged one is named, skipped and kept)
         start, state, data_state, _ = ckpt.restore_newest(
             abstract_state=training.abstract_state, shardings=training.state_shardings
@@ -289,7 +291,7 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
     # MFU counts the FLOPs the step executes (subset drop path skips rows); the nominal count is logged beside it.
     step_flops = flops.train_flops_per_image(cfg, images // groups)
     peak = hardware.peak_flops(devices[0].device_kind, cfg.train.peak_flops or None)
-    progress = metrics.Progress(total_steps, start, images_per_step=images)
+    progress = Progress(total_steps, start, images_per_step=images)
     last: dict[str, Any] = {}
     skipped_total = 0
     step = start
@@ -329,7 +331,7 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
                     values |= {"skipped_records": skipped_total}
                     step_time = progress.interval_step_time_s  # None at the baseline tick: no rate yet
                     if step_time:
-                        values |= metrics.throughput_metrics(
+                        values |= flops.throughput_metrics(
                             images,
                             step_flops["executed_total"],
                             step_time,

@@ -82,7 +82,7 @@ def pretrain_chain(workdir: epath.Path, data_dir: pathlib.Path, steps: int = PRE
     from chexfound_jax import pretrain
     from configs.pretrain import tiny_cpu
     from data_prep import local_runner
-    from data_prep import pipeline as prep
+    from data_prep import stages as prep
     from data_prep.sources import get_source
 
     logging.info("4/7 prepare shards from %s", data_dir / "kermany")

@@ -1,10 +1,10 @@
 """The same build on Apache Beam (Dataflow, Flink, Spark, or the DirectRunner), for when one machine is slow.
 
 The driver lists the source and writes the item list to `<dataset>/.work/items.jsonl`; the pipeline
-reads it back in parallel, runs `pipeline.prepare_item` on workers, gathers the small outcome rows
-into one `pipeline.decide` (deduplication is first-seen-wins in item order, a sequential decision),
+reads it back in parallel, runs `stages.prepare_item` on workers, gathers the small outcome rows
+into one `stages.decide` (deduplication is first-seen-wins in item order, a sequential decision),
 and writes each shard from its records in item order. The driver then writes the dataset metadata
-with `pipeline.finish`. Shards are byte-identical to the local runner's. Needs the `beam` extra:
+with `stages.finish`. Shards are byte-identical to the local runner's. Needs the `beam` extra:
 `pip install 'chexfound-jax[beam]'`; runner and cloud settings are ordinary Beam pipeline options.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from etils import epath
 
-from data_prep import pipeline, writers
+from data_prep import stages, writers
 from data_prep.sources import Source, SourceItem
 
 try:
@@ -42,12 +42,12 @@ def item_from_json(line: str) -> tuple[int, SourceItem]:
     return index, SourceItem(**d)
 
 
-def _convert(line: str, options: pipeline.PrepOptions) -> pipeline.ItemResult:
+def _convert(line: str, options: stages.PrepOptions) -> stages.ItemResult:
     index, item = item_from_json(line)
-    return pipeline.prepare_item(index, item, options)
+    return stages.prepare_item(index, item, options)
 
 
-def _assignments(plan: pipeline.Plan) -> dict[int, tuple[str, int, int]]:
+def _assignments(plan: stages.Plan) -> dict[int, tuple[str, int, int]]:
     """item index -> (split, shard, number of shards of the split)."""
     out = {}
     for split, shards in plan.shards.items():
@@ -56,7 +56,7 @@ def _assignments(plan: pipeline.Plan) -> dict[int, tuple[str, int, int]]:
     return out
 
 
-def _route(result: pipeline.ItemResult, assignments: dict[int, tuple[str, int, int]]):
+def _route(result: stages.ItemResult, assignments: dict[int, tuple[str, int, int]]):
     if result.record is not None and result.index in assignments:
         yield assignments[result.index], (result.index, result.record)
 
@@ -70,12 +70,12 @@ def _write_shard(group: tuple[tuple[str, int, int], Any], ds_dir: str, file_form
     return writer.num_records
 
 
-def _plan_json(plan: pipeline.Plan) -> str:
+def _plan_json(plan: stages.Plan) -> str:
     return json.dumps({"rows": plan.rows, "shards": plan.shards, "kept_hashes": plan.kept_hashes})
 
 
 def _save(text: str, path: str) -> None:
-    pipeline.write_text(epath.Path(path), text)
+    stages.write_text(epath.Path(path), text)
 
 
 def build_pipeline(
@@ -84,7 +84,7 @@ def build_pipeline(
     plan_path: str,
     ds_dir: str,
     source_name: str,
-    options: pipeline.PrepOptions,
+    options: stages.PrepOptions,
     seen_before: Sequence[tuple[str, str, str]] = (),
 ) -> None:
     """Adds the build's transforms to `root`: items.jsonl in, shards and plan.json out."""
@@ -98,7 +98,7 @@ def build_pipeline(
         results
         | "Rows" >> beam.Map(lambda r: r.row())
         | "AllRows" >> beam.combiners.ToList()
-        | "Decide" >> beam.Map(pipeline.decide, source_name, options, list(seen_before))
+        | "Decide" >> beam.Map(stages.decide, source_name, options, list(seen_before))
     )
     plan | "SavePlan" >> beam.Map(lambda p: _save(_plan_json(p), plan_path))
     assignments = plan | "Assign" >> beam.Map(_assignments)
@@ -112,8 +112,8 @@ def build_pipeline(
 
 def run_beam(
     source: Source,
-    output: epath.PathLike,
-    options: pipeline.PrepOptions,
+    workdir: epath.PathLike,
+    options: stages.PrepOptions,
     *,
     name: str | None = None,
     dedup_against: Sequence[epath.PathLike] = (),
@@ -121,28 +121,28 @@ def run_beam(
     overwrite: bool = False,
     keep_work: bool = False,
 ) -> dict[str, Any]:
-    """Builds `<output>/<name>/1.0.0` on Beam; `beam_args` are Beam's own flags (--runner=..., --project=...)."""
+    """Builds `<workdir>/<name>/1.0.0` on Beam; `beam_args` are Beam's own flags (--runner=..., --project=...)."""
     if beam is None:
         raise ImportError("the beam runner needs Apache Beam: pip install 'chexfound-jax[beam]'")
-    ds_dir = writers.dataset_dir(output, name or source.name, pipeline.DATASET_VERSION)
+    ds_dir = writers.dataset_dir(workdir, name or source.name, stages.DATASET_VERSION)
     if overwrite:
-        pipeline.remove_tree(ds_dir)
-    if (info := pipeline.finished_build(ds_dir, options)) is not None:
+        stages.remove_tree(ds_dir)
+    if (info := stages.finished_build(ds_dir, options)) is not None:
         return info
-    listing = pipeline.list_items(source)
-    seen_before = pipeline.load_hashes(dedup_against)
+    listing = stages.list_items(source)
+    seen_before = stages.load_hashes(dedup_against)
     work = ds_dir / ".work"
     work.mkdir(parents=True, exist_ok=True)
     items_path, plan_path = work / ITEMS, work / PLAN
-    pipeline.write_text(items_path, "".join(item_to_json(i, item) + "\n" for i, item in enumerate(listing.items)))
+    stages.write_text(items_path, "".join(item_to_json(i, item) + "\n" for i, item in enumerate(listing.items)))
     if listing.items:
         with beam.Pipeline(options=PipelineOptions(list(beam_args))) as root:
             build_pipeline(root, str(items_path), str(plan_path), str(ds_dir), source.name, options, seen_before)
         saved = json.loads(plan_path.read_text())
-        plan = pipeline.Plan(saved["rows"], saved["shards"], [tuple(h) for h in saved["kept_hashes"]])
+        plan = stages.Plan(saved["rows"], saved["shards"], [tuple(h) for h in saved["kept_hashes"]])
     else:
-        plan = pipeline.Plan([], {}, [])
-    info = pipeline.finish(ds_dir, source, listing, plan, options, input=str(source.root), runner="beam")
+        plan = stages.Plan([], {}, [])
+    info = stages.finish(ds_dir, source, listing, plan, options, input=str(source.root), runner="beam")
     if not keep_work:
-        pipeline.remove_tree(work)
+        stages.remove_tree(work)
     return info

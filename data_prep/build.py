@@ -1,9 +1,9 @@
 r"""Build one source's training shards: chest X-ray archive in, deduplicated TFDS dataset out.
 
-  python -m data_prep.build --source=nih_cxr14 --input=/data/nih --output=/data/cxr1m \
+  python -m data_prep.build --source=nih_cxr14 --input=/data/nih --workdir=/data/cxr1m \
       [--metadata=DIR] [--size=512] [--format=array_record|tfrecord] [--runner=local|beam] [--workers=N]
 
-writes `<output>/<source>/1.0.0/` (shards, dataset_info.json, metadata.json with the label order,
+writes `<workdir>/<source>/1.0.0/` (shards, dataset_info.json, metadata.json with the label order,
 manifest.json with the counts, failures.csv, hashes.csv). Build the sources of CXR-1M one after the
 other, each with `--dedup_against` naming the datasets built before it, to drop images that several
 archives share. A killed local build resumes when rerun with the same flags. On Beam, runner settings
@@ -19,7 +19,7 @@ from typing import Any
 
 from absl import app, flags
 
-from data_prep import pipeline, quality
+from data_prep import quality, retired_flags, stages
 from data_prep.sources import SOURCES, get_source
 
 
@@ -64,7 +64,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("source", None, sorted(SOURCES), "Dataset adapter.")
     flags.DEFINE_string("input", None, "Root of the downloaded release (local or gs://).")
     flags.DEFINE_string("metadata", None, "Directory of the release's metadata CSVs (default: --input).")
-    flags.DEFINE_string("output", None, "Output root; the dataset goes to <output>/<name>/1.0.0.")
+    flags.DEFINE_string("workdir", None, "Output root; the dataset goes to <workdir>/<name>/1.0.0.")
+    retired_flags.define_renamed("output", "workdir")
     flags.DEFINE_string("name", None, "Dataset name (default: the source name).")
     flags.DEFINE_integer("size", 512, "Shorter side of the stored images, in pixels.", lower_bound=1)
     flags.DEFINE_enum("dtype", "uint8", ["uint8", "uint16"], "Stored pixel type.")
@@ -92,13 +93,13 @@ def define_flags() -> None:
     flags.DEFINE_string("beam_args", "", "Apache Beam pipeline options, as one shell-quoted string.")
     flags.DEFINE_bool("overwrite", False, "Delete an existing or unfinished build first.")
     flags.DEFINE_bool("keep_work", False, "Keep the .work staging directory after finishing.")
-    flags.mark_flags_as_required(["source", "input", "output"])
+    flags.mark_flags_as_required(["source", "input", "workdir"])
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    options = pipeline.PrepOptions(
+    options = stages.PrepOptions(
         size=flags.FLAGS.size,
         dtype=flags.FLAGS.dtype,
         file_format=flags.FLAGS.format,
@@ -124,14 +125,14 @@ def main(argv: Sequence[str]) -> None:
 
         beam_args = shlex.split(flags.FLAGS.beam_args)
         info = beam_runner.run_beam(
-            source, flags.FLAGS.output, options, beam_args=beam_args, keep_work=flags.FLAGS.keep_work, **common
+            source, flags.FLAGS.workdir, options, beam_args=beam_args, keep_work=flags.FLAGS.keep_work, **common
         )
     else:
         from data_prep import local_runner
 
         info = local_runner.run_local(
             source,
-            flags.FLAGS.output,
+            flags.FLAGS.workdir,
             options,
             workers=flags.FLAGS.workers,
             chunk_size=flags.FLAGS.chunk_size,

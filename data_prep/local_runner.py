@@ -20,7 +20,7 @@ import tqdm
 from array_record.python import array_record_module
 from etils import epath
 
-from data_prep import pipeline, writers
+from data_prep import stages, writers
 from data_prep.sources import Source, SourceItem
 
 WORK_DIR = ".work"
@@ -40,13 +40,13 @@ def convert_chunk(work: epath.Path, chunk: int, start: int, items: Sequence[Sour
     rows = []
     with writers.ShardWriter(records_path, "array_record") as writer:
         for k, item in enumerate(items):
-            result = pipeline.prepare_item(start + k, item, options)
+            result = stages.prepare_item(start + k, item, options)
             row = result.row()
             if result.record is not None:
                 row["position"] = writer.num_records
                 writer.write(result.record)
             rows.append(row)
-    pipeline.write_text(rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    stages.write_text(rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return len(items)
 
 
@@ -124,13 +124,13 @@ def _check_build(work: epath.Path, expected: dict[str, Any]) -> None:
             )
     else:
         work.mkdir(parents=True, exist_ok=True)
-        pipeline.write_text(path, json.dumps(expected, indent=2, sort_keys=True) + "\n")
+        stages.write_text(path, json.dumps(expected, indent=2, sort_keys=True) + "\n")
 
 
 def run_local(
     source: Source,
-    output: epath.PathLike,
-    options: pipeline.PrepOptions,
+    workdir: epath.PathLike,
+    options: stages.PrepOptions,
     *,
     name: str | None = None,
     workers: int | None = None,
@@ -140,16 +140,16 @@ def run_local(
     keep_work: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Builds `<output>/<name>/1.0.0` from `source`; returns the manifest. Rerun to resume after a crash."""
-    ds_dir = writers.dataset_dir(output, name or source.name, pipeline.DATASET_VERSION)
+    """Builds `<workdir>/<name>/1.0.0` from `source`; returns the manifest. Rerun to resume after a crash."""
+    ds_dir = writers.dataset_dir(workdir, name or source.name, stages.DATASET_VERSION)
     workers = (os.cpu_count() or 1) if workers is None else workers
     if overwrite:
-        pipeline.remove_tree(ds_dir)
-    if (info := pipeline.finished_build(ds_dir, options)) is not None:
+        stages.remove_tree(ds_dir)
+    if (info := stages.finished_build(ds_dir, options)) is not None:
         return info
-    listing = pipeline.list_items(source)
+    listing = stages.list_items(source)
     items = listing.items
-    seen_before = pipeline.load_hashes(dedup_against)
+    seen_before = stages.load_hashes(dedup_against)
     work = ds_dir / WORK_DIR
     _check_build(
         work,
@@ -158,7 +158,7 @@ def run_local(
             "options": options.to_json(),
             "chunk_size": chunk_size,
             "num_items": len(items),
-            "listing": pipeline.listing_digest(items),
+            "listing": stages.listing_digest(items),
             "dedup_against": [os.fspath(p) for p in dedup_against],
         },
     )
@@ -172,7 +172,7 @@ def run_local(
         _map(_convert_task, tasks, workers, bar)
 
     rows = read_rows(work, num_chunks)
-    plan = pipeline.decide(rows, source.name, options, seen_before)
+    plan = stages.decide(rows, source.name, options, seen_before)
     where = {r["index"]: (chunk_paths(work, r["chunk"])[0], r["position"]) for r in rows if "position" in r}
     shard_tasks = []
     for split, shards in plan.shards.items():
@@ -183,7 +183,7 @@ def run_local(
     with tqdm.tqdm(total=total, desc=f"write {source.name}", unit="img", **bar_args) as bar:
         _map(_shard_task, shard_tasks, workers, bar)
 
-    info = pipeline.finish(ds_dir, source, listing, plan, options, input=os.fspath(source.root), runner="local")
+    info = stages.finish(ds_dir, source, listing, plan, options, input=os.fspath(source.root), runner="local")
     if not keep_work:
-        pipeline.remove_tree(work)
+        stages.remove_tree(work)
     return info

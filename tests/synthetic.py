@@ -18,7 +18,7 @@ from etils import epath
 from PIL import Image
 
 from data_prep import local_runner, writers
-from data_prep import pipeline as prep
+from data_prep import stages as prep
 from data_prep.sources import get_source
 
 KERMANY = pathlib.Path(__file__).parent / "data" / "kermany" / "images"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import equivalence_config, random_batches
 
-from chexfound_jax.train.checkpoint import Checkpointer
+from chexfound_jax.jobs.checkpoint import Checkpointer
 from chexfound_jax.train.setup import build_training
 
 DATA_STATE = {"next_index": 37, "worker_states": [{"seed": 3, "pos": [1, 2]}], "epoch": 0}
@@ -153,7 +153,7 @@ _KILLED_MID_SAVE = """
 import os, pathlib, sys, time
 import jax.numpy as jnp
 import numpy as np
-from chexfound_jax.train.checkpoint import Checkpointer
+from chexfound_jax.jobs.checkpoint import Checkpointer
 
 root = pathlib.Path(sys.argv[1])
 ckpt = Checkpointer(root, save_every=1, keep_last=5)
@@ -202,7 +202,7 @@ def test_a_checkpoint_of_another_state_is_refused_by_name(tmp_path):
 
 
 def test_damage_is_told_apart_from_another_configuration(tmp_path):
-    from chexfound_jax.train.checkpoint import DamagedCheckpointError
+    from chexfound_jax.jobs.checkpoint import DamagedCheckpointError
 
     state = {"w": jnp.arange(60.0).reshape(6, 10), "b": jnp.ones(7)}
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)

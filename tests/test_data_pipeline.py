@@ -13,12 +13,11 @@ import pytest
 from etils import epath
 from helpers import run_processes
 
-from chexfound_jax.data import augment, collate, pipeline, preprocess
+from chexfound_jax.data import augment, batch_layout, collate, pipeline, preprocess
 from chexfound_jax.ssl import masking
-from chexfound_jax.train import recipe
 from configs.pretrain import tiny_cpu
 from data_prep import local_runner, records, writers
-from data_prep import pipeline as prep
+from data_prep import stages as prep
 from data_prep.sources import get_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +62,7 @@ def test_batch_layout_and_dtypes(dataset):
     b, g, s, n_local = 2, 64, 32, 2
     assert batch["global_crops"].shape == (4, 2 * b, g, g) and batch["global_crops"].dtype == np.uint8
     assert batch["local_crops"].shape == (4, n_local * b, s, s) and batch["local_crops"].dtype == np.uint8
-    spec = recipe.batch_spec(cfg, 4)
+    spec = batch_layout.batch_spec(cfg, 4)
     for k in ("masks", "mask_indices", "mask_weights", "mask_valid"):
         assert batch[k].shape == spec[k].shape and batch[k].dtype == spec[k].dtype, k
     assert batch["skipped"].shape == (4,) and not batch["skipped"].any()
@@ -74,8 +73,8 @@ def test_batch_layout_and_dtypes(dataset):
         assert valid.sum() == flat.sum()
         assert flat[batch["mask_indices"][grp][valid]].all()
     finished = jax.jit(lambda x: pipeline.finish_on_device(x, cfg))(batch)
-    assert finished.keys() == set(recipe.BATCH_KEYS)
-    for k in recipe.BATCH_KEYS:
+    assert finished.keys() == set(batch_layout.BATCH_KEYS)
+    for k in batch_layout.BATCH_KEYS:
         assert finished[k].shape == spec[k].shape and finished[k].dtype == spec[k].dtype, k
     # Host photometry gives the train step's float crops directly.
     host = next(iter(pipeline.training_dataset(config(dataset, photometric="host"), layout, process_index=0)))
@@ -247,7 +246,7 @@ def test_two_processes_read_disjoint_halves_onto_one_mesh(dataset, tmp_path):
     assert len(a) == 12 and not a & b and a | b == set(range(24))
     cfg = config(dataset)
     cfg.train.update(global_batch_size=16, batch_groups=8)
-    spec = recipe.batch_spec(cfg, 8)
+    spec = batch_layout.batch_spec(cfg, 8)
     for r in reports:
         assert r["shapes"] == {k: list(v.shape) for k, v in spec.items()}
         assert r["local_shapes"]["global_crops"] == [4, 4, 64, 64]  # half of the 8 groups, uint8 gray

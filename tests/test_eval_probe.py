@@ -11,9 +11,9 @@ from chexfound_jax.convert.backbone import load_backbone
 from chexfound_jax.data import classification
 from chexfound_jax.eval import loop
 from chexfound_jax.eval.probe import FrozenFeatures, HeadBank, Optimization
+from chexfound_jax.jobs.checkpoint import Checkpointer
 from chexfound_jax.models.classifiers import ClassifierConfig
 from chexfound_jax.parallel.mesh import create_mesh
-from chexfound_jax.train.checkpoint import Checkpointer
 
 torch = pytest.importorskip("torch")
 import jax  # noqa: E402

@@ -15,7 +15,7 @@ from chexfound_jax.data.pipeline import ShardedSource
 from chexfound_jax.eval import tasks
 from chexfound_jax.eval.tasks import SplitRule, TaskSpec
 from data_prep import local_runner, records, writers
-from data_prep import pipeline as prep
+from data_prep import stages as prep
 from data_prep.sources import CHEXPERT_LABELS, get_source
 from data_prep.sources.nih import NIH_LABELS
 

@@ -20,8 +20,9 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, unknown_fields
 
 from chexfound_jax import hardware
+from chexfound_jax.jobs import logs, progress
 from chexfound_jax.models import abstract_params
-from chexfound_jax.train import flops, metrics, recipe
+from chexfound_jax.train import flops, recipe
 from configs.pretrain import tiny_cpu
 
 # --- an independent reader -------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def test_tensorboard_events_read_back(tmp_path):
         (10, {"loss/total": np.float32(9.3), "wd": jax.numpy.asarray(0.04), "mfu": 0.123456789}),
         (2**40, {"nan": float("nan"), "neg": -3.5, "int": 7}),
     ]
-    with metrics.TensorBoardWriter(tmp_path / "tb") as w:
+    with logs.TensorBoardWriter(tmp_path / "tb") as w:
         for step, scalars in written:
             w.write_scalars(step, scalars)
         assert read_events(w.path)[-1].step == 2**40  # flushed on every write (local default)
@@ -125,19 +126,19 @@ def test_tensorboard_events_read_back(tmp_path):
 
 def test_encoder_edge_cases():
     e = Event()
-    e.ParseFromString(metrics.encode_event(1.5, -1, scalars={"é/ü": 1.0}))
+    e.ParseFromString(logs.encode_event(1.5, -1, scalars={"é/ü": 1.0}))
     assert (e.wall_time, e.step, e.summary.value[0].tag) == (1.5, -1, "é/ü")
 
 
 def test_second_writer_in_the_same_second_gets_its_own_file(tmp_path):
-    a, b = metrics.TensorBoardWriter(tmp_path), metrics.TensorBoardWriter(tmp_path)
+    a, b = logs.TensorBoardWriter(tmp_path), logs.TensorBoardWriter(tmp_path)
     a.close(), b.close()
     assert a.path != b.path and len(read_events(a.path)) == len(read_events(b.path)) == 1
 
 
 def test_rewrite_mode_used_for_object_stores(tmp_path):
     # The gs:// path: nothing appended, the whole file rewritten at each flush (forced on a local path).
-    f = metrics._AppendFile(tmp_path / "x", flush_secs=3600, rewrite=True)
+    f = logs._AppendFile(tmp_path / "x", flush_secs=3600, rewrite=True)
     f.write(b"ab")
     assert not (tmp_path / "x").exists()  # not yet flushed
     f.flush()
@@ -145,7 +146,7 @@ def test_rewrite_mode_used_for_object_stores(tmp_path):
     assert (tmp_path / "x").read_bytes() == b"ab"
     f.close()
     assert (tmp_path / "x").read_bytes() == b"abcd"
-    f = metrics._AppendFile(tmp_path / "x", flush_secs=0, rewrite=True)  # a resumed run keeps earlier bytes
+    f = logs._AppendFile(tmp_path / "x", flush_secs=0, rewrite=True)  # a resumed run keeps earlier bytes
     f.write(b"ef")
     assert (tmp_path / "x").read_bytes() == b"abcdef"
     f.close()
@@ -156,7 +157,7 @@ def test_rewrite_mode_used_for_object_stores(tmp_path):
 
 def test_metrics_writer(tmp_path):
     cfg = tiny_cpu.get_config()
-    with metrics.MetricsWriter(tmp_path) as w:
+    with logs.MetricsWriter(tmp_path) as w:
         w.write_config(cfg)
         w.write_scalars(1, {"loss": 2.5, "lr": np.float64(1e-3), "count": np.int32(3)})
         w.write_scalars(2, {"loss": float("nan"), "up": float("inf"), "down": -float("inf")})
@@ -173,14 +174,14 @@ def test_metrics_writer(tmp_path):
     (tb,) = (tmp_path / "tensorboard").iterdir()
     assert [e.step for e in read_events(tb)] == [0, 1, 2]
     assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
-    with metrics.MetricsWriter(tmp_path) as w:  # resumed: JSONL appended, a new event file
+    with logs.MetricsWriter(tmp_path) as w:  # resumed: JSONL appended, a new event file
         w.write_scalars(3, {"loss": 1.0})
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert len(list((tmp_path / "tensorboard").iterdir())) == 2
 
 
 def test_metrics_writer_disabled_writes_nothing(tmp_path):
-    w = metrics.MetricsWriter(tmp_path / "w", enabled=False)
+    w = logs.MetricsWriter(tmp_path / "w", enabled=False)
     w.write_config({"a": 1})
     w.write_scalars(1, {"loss": 1.0})
     w.close()
@@ -188,7 +189,7 @@ def test_metrics_writer_disabled_writes_nothing(tmp_path):
 
 
 def test_jsonl_rejects_reserved_keys_and_arrays(tmp_path):
-    w = metrics.JsonlWriter(tmp_path / "m.jsonl")
+    w = logs.JsonlWriter(tmp_path / "m.jsonl")
     with pytest.raises(ValueError, match="reserved"):
         w.write_scalars(1, {"step": 3})
     with pytest.raises(ValueError, match="not a scalar"):
@@ -201,17 +202,17 @@ def test_jsonl_rejects_reserved_keys_and_arrays(tmp_path):
 
 def test_format_progress_by_hand():
     # 249880 steps left at 3.41 steps/s: 73278.6 s = 20 h 21 min; 80 images per step: 272.8 img/s.
-    line = metrics.format_progress(120, 250_000, 3.41, 80)
+    line = progress.format_progress(120, 250_000, 3.41, 80)
     assert line == "step 120/250000 (0.05%) | 3.41 steps/s, 272.8 img/s | ETA 20h 21m"
-    assert metrics.format_progress(5, 10, None) == "step 5/10 (50.00%) | rate pending"
-    assert metrics.format_progress(0, 100, 0.5) == "step 0/100 (0.00%) | 0.5 steps/s | ETA 3m 20s"
-    assert metrics.format_duration(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == "2d 3h 4m"
-    assert metrics.format_duration(42.9) == "42s"
+    assert progress.format_progress(5, 10, None) == "step 5/10 (50.00%) | rate pending"
+    assert progress.format_progress(0, 100, 0.5) == "step 0/100 (0.00%) | 0.5 steps/s | ETA 3m 20s"
+    assert progress.format_duration(2 * 86400 + 3 * 3600 + 4 * 60 + 5) == "2d 3h 4m"
+    assert progress.format_duration(42.9) == "42s"
 
 
 def test_progress_rate_excludes_the_first_step_and_slides():
     now = [0.0]
-    p = metrics.Progress(110, start_step=100, images_per_step=8, window=2, clock=lambda: now[0])
+    p = progress.Progress(110, start_step=100, images_per_step=8, window=2, clock=lambda: now[0])
     now[0] = 60.0  # step 101 finished after a minute of compilation
     assert p.tick(101) == "step 101/110 (91.82%) | rate pending"
     now[0] = 60.5
@@ -230,7 +231,7 @@ def test_first_log_window_excludes_the_compiling_step():
     # log points every 5 steps (0.5 s per step). Without the baseline after step 1 the first window
     # would be 0 -> 5 and take (60 + 4 * 0.5) / 5 = 12.4 s per step.
     now = [0.0]
-    p = metrics.Progress(100, start_step=0, window=20, clock=lambda: now[0])
+    p = progress.Progress(100, start_step=0, window=20, clock=lambda: now[0])
     assert p.interval_step_time_s is None
     now[0] = 60.0
     p.tick(1)  # baseline: the end of the compiling step
@@ -261,7 +262,7 @@ def test_parameter_overview_nested_dict():
         "a": {"kernel": np.zeros((3, 4), np.float32), "bias": np.zeros(4, np.float32)},
         "b": [np.zeros(2, np.int8)],
     }
-    text = metrics.parameter_overview(params)
+    text = logs.parameter_overview(params)
     assert _total(text) == 12 + 4 + 2
     assert "Total: 18 parameters in 3 arrays" in text
     assert re.search(r"^a/kernel +\| \(3, 4\) +\| float32 +\| +12$", text, re.M)
@@ -272,7 +273,7 @@ def test_parameter_overview_nested_dict():
 def test_parameter_overview_abstract_model():
     params = abstract_params(recipe.model_config(tiny_cpu.get_config()))
     assert isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
-    text = metrics.parameter_overview(params)
+    text = logs.parameter_overview(params)
     leaves = jax.tree.leaves(params)
     assert _total(text) == sum(math.prod(x.shape) for x in leaves)
     assert f"in {len(leaves)} arrays" in text
@@ -287,10 +288,10 @@ def test_parameter_overview_abstract_model():
 def test_throughput_by_hand():
     # 1024 images in 2 s on 8 devices of 1e14 FLOP/s, 5e11 FLOP per image executed (7.5e11 nominal):
     # 512 img/s, 5e11 * 512 / 8 = 3.2e13 FLOP/s = 32 TFLOP/s per device, MFU 0.32; nominal 48, 0.48.
-    got = metrics.throughput_metrics(1024, 5e11, 2.0, 8, 1e14)
+    got = flops.throughput_metrics(1024, 5e11, 2.0, 8, 1e14)
     assert got == pytest.approx({"images_per_s": 512.0, "tflops_per_s_per_device": 32.0, "mfu": 0.32})
-    assert "mfu" not in metrics.throughput_metrics(1024, 5e11, 2.0, 8, None)
-    got = metrics.throughput_metrics(1024, 5e11, 2.0, 8, 1e14, nominal_flops_per_image=7.5e11)
+    assert "mfu" not in flops.throughput_metrics(1024, 5e11, 2.0, 8, None)
+    got = flops.throughput_metrics(1024, 5e11, 2.0, 8, 1e14, nominal_flops_per_image=7.5e11)
     assert got == pytest.approx(
         {
             "images_per_s": 512.0,
@@ -300,17 +301,17 @@ def test_throughput_by_hand():
             "mfu_nominal": 0.48,
         }
     )
-    got = metrics.throughput_metrics(1024, 5e11, 2.0, 8, None, nominal_flops_per_image=7.5e11)
+    got = flops.throughput_metrics(1024, 5e11, 2.0, 8, None, nominal_flops_per_image=7.5e11)
     assert set(got) == {"images_per_s", "tflops_per_s_per_device", "tflops_per_s_per_device_nominal"}
     with pytest.raises(ValueError):
-        metrics.throughput_metrics(1024, 5e11, 0.0, 8, None)
+        flops.throughput_metrics(1024, 5e11, 0.0, 8, None)
 
 
 def test_mfu_with_the_recipe_flops():
     cfg = tiny_cpu.get_config()
     f = flops.train_flops_per_image(cfg)
     peak = hardware.peak_flops("TPU v4")
-    got = metrics.throughput_metrics(16, f["executed_total"], 0.5, 1, peak, nominal_flops_per_image=f["total"])
+    got = flops.throughput_metrics(16, f["executed_total"], 0.5, 1, peak, nominal_flops_per_image=f["total"])
     assert got["tflops_per_s_per_device"] == pytest.approx(f["executed_total"] * 32 / 1e12)
     assert got["mfu"] == pytest.approx(f["executed_total"] * 32 / 275e12)
     assert got["mfu_nominal"] == pytest.approx(f["total"] * 32 / 275e12)

@@ -15,13 +15,13 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_prep import local_runner, pipeline, records, writers
+from data_prep import local_runner, records, stages, writers
 from data_prep.sources import get_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data")
 SIZE = 96
-OPTIONS = pipeline.PrepOptions(size=SIZE, min_size=200, records_per_shard=7)
+OPTIONS = stages.PrepOptions(size=SIZE, min_size=200, records_per_shard=7)
 DICOMS = {  # file under tests/data/dicom -> expected reason (None: converted)
     "chest/derived_cxr_cr_mono1_10bit_explicitLE_part10_from_CR-MONO1-10-chest.dcm": None,
     "corrupt/corrupt_mr_pixeldata_truncated.dcm": "truncated",
@@ -94,7 +94,7 @@ def shard_bytes(ds_dir) -> dict[str, bytes]:
 
 
 def ds(out, name="kermany"):
-    return writers.dataset_dir(out, name, pipeline.DATASET_VERSION)
+    return writers.dataset_dir(out, name, stages.DATASET_VERSION)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_counts_reasons_and_failures_reconcile(built):
         "failed": 0,
         "rejected": dict(sorted(rejected.items())),
     }
-    assert pipeline.reconcile(c) == []
+    assert stages.reconcile(c) == []
     with open(ds(out) / "failures.csv", newline="") as f:
         failures = list(csv.DictReader(f))
     by_path = {r["path"]: r["reason"] for r in failures}
@@ -179,23 +179,23 @@ def grain_records(ds_dir, split, num_shards):
 
 
 def test_shards_hold_items_in_order_and_balanced():
-    assert pipeline.shard_bounds(10, 3) == [0, 3, 6, 10]
-    assert pipeline.shard_bounds(2, 3) == [0, 0, 1, 2]
-    assert pipeline.num_shards_for(15, 7) == 3 and pipeline.num_shards_for(0, 7) == 1
+    assert stages.shard_bounds(10, 3) == [0, 3, 6, 10]
+    assert stages.shard_bounds(2, 3) == [0, 0, 1, 2]
+    assert stages.num_shards_for(15, 7) == 3 and stages.num_shards_for(0, 7) == 1
     rows = [
         {"index": i, "relpath": f"f{i}", "split": "train", "reason": None, "message": "", "sha256": f"s{i}",
          "phash": f"{h:016x}"}
         for i, h in enumerate([0, 0b111, 0b1111111111, 0b111111111111111111111, 0])
     ]  # fmt: skip
     rows[4]["sha256"] = "s0"
-    plan = pipeline.decide(rows, "src", pipeline.PrepOptions(near_duplicate_bits=3, records_per_shard=1))
+    plan = stages.decide(rows, "src", stages.PrepOptions(near_duplicate_bits=3, records_per_shard=1))
     reasons = [r["reason"] for r in plan.rows]
     # 1 is 3 bits from 0 (near), 2 is 10 from 0 and 7 from 1 (kept: 1 was not kept), 3 is 11 from 2, 4 = 0 exactly.
     assert reasons == [None, "near_duplicate", None, None, "duplicate"]
     assert plan.shards == {"train": [[0], [2], [3]]}
     assert "src:f0" in plan.rows[4]["message"]
     with pytest.raises(ValueError, match="0..n-1"):
-        pipeline.decide(rows[1:], "src", OPTIONS)
+        stages.decide(rows[1:], "src", OPTIONS)
 
 
 def test_workers_and_chunking_do_not_change_the_shards(built, release, tmp_path):
@@ -208,7 +208,7 @@ def test_workers_and_chunking_do_not_change_the_shards(built, release, tmp_path)
 
 def test_tfrecord_shards_hold_the_same_records(built, release, tmp_path):
     out, info = built
-    build(release, tmp_path, options=pipeline.PrepOptions(**OPTIONS.to_json() | {"file_format": "tfrecord"}))
+    build(release, tmp_path, options=stages.PrepOptions(**OPTIONS.to_json() | {"file_format": "tfrecord"}))
     for split, meta in info["splits"].items():
         tf_paths = writers.shard_paths(ds(tmp_path), split, meta["num_shards"], "tfrecord")
         got = writers.TFRecordDataSource(tf_paths)
@@ -220,7 +220,7 @@ def test_tfrecord_shards_hold_the_same_records(built, release, tmp_path):
 def cli(release, out, *extra):
     args = [f"--source_option={k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in SOURCE_OPTIONS.items()]
     return [
-        sys.executable, "-m", "data_prep.build", "--source=folder", f"--input={release}", f"--output={out}",
+        sys.executable, "-m", "data_prep.build", "--source=folder", f"--input={release}", f"--workdir={out}",
         f"--size={SIZE}", f"--min_size={OPTIONS.min_size}", f"--records_per_shard={OPTIONS.records_per_shard}", *args,
         *extra,
     ]  # fmt: skip
@@ -283,7 +283,7 @@ def test_cross_source_dedup(tmp_path):
     hashes = list(csv.DictReader(io.StringIO((ds(tmp_path / "out", "beta") / "hashes.csv").read_text())))
     assert len(hashes) == 4 and all(h["id"].startswith("beta:") for h in hashes)
     with pytest.raises(FileNotFoundError, match="hashes.csv"):
-        pipeline.load_hashes([tmp_path / "nowhere"])
+        stages.load_hashes([tmp_path / "nowhere"])
 
 
 def test_beam_direct_runner_equals_local(built, release, tmp_path):
@@ -296,3 +296,28 @@ def test_beam_direct_runner_equals_local(built, release, tmp_path):
     assert shard_bytes(ds(tmp_path)) == shard_bytes(ds(out))
     for name in ("failures.csv", "hashes.csv", "dataset_info.json", "features.json", "metadata.json"):
         assert (ds(tmp_path) / name).read_text() == (ds(out) / name).read_text(), name
+
+
+def test_a_renamed_flag_fails_naming_the_new_one():
+    from absl import flags
+
+    from data_prep import retired_flags
+
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "Output root.", flag_values=fv)
+    retired_flags.define_renamed("output", "workdir", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    fv(["prog", "--workdir=/a"])
+    assert fv.workdir == "/a" and fv.output is None
+    for argv in (["--output=/a"], ["--output", "/a", "--workdir=/b"]):
+        fv.unparse_flags()
+        with pytest.raises(flags.IllegalFlagValueError) as e:
+            fv(["prog", *argv])
+        assert str(e.value).endswith(": --output was renamed --workdir") and "\n" not in str(e.value)
+
+
+def test_build_refuses_the_old_output_flag(tmp_path):
+    cmd = [sys.executable, "-m", "data_prep.build", "--source=folder", f"--input={tmp_path}", f"--output={tmp_path}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "--output was renamed --workdir" in result.stderr.splitlines()[0]
+    assert not any(tmp_path.iterdir())

@@ -16,7 +16,7 @@ import pytest
 from helpers import by_id, touch, write_csv
 from PIL import Image
 
-from data_prep import decode, decode_jsrt, local_runner, pipeline, records, writers
+from data_prep import decode, decode_jsrt, local_runner, records, stages, writers
 from data_prep.sources import SOURCES, get_source
 from data_prep.sources.cxr_lt import CXR_LT_LABELS, CxrLt, match_label_columns
 from data_prep.sources.jsrt import Jsrt
@@ -327,7 +327,7 @@ def test_jsrt_raw_decode(tmp_path):
 
 # --- end to end ---------------------------------------------------------------------------------------------
 
-OPTIONS = pipeline.PrepOptions(size=64, min_size=200, records_per_shard=2)
+OPTIONS = stages.PrepOptions(size=64, min_size=200, records_per_shard=2)
 
 
 def read_records(ds_dir: pathlib.Path, info: dict) -> dict[str, dict]:
@@ -400,7 +400,7 @@ def test_build_command_line_takes_the_new_sources(tmp_path):
     for i, png in enumerate(kermany_pngs(2)):
         (root / "images").mkdir(parents=True, exist_ok=True)
         shutil.copy(png, root / "images" / f"MCUCXR_{i + 1:04d}_{i}.png")
-    cmd = [sys.executable, "-m", "data_prep.build", "--source=montgomery", f"--input={root}", f"--output={tmp_path}",
+    cmd = [sys.executable, "-m", "data_prep.build", "--source=montgomery", f"--input={root}", f"--workdir={tmp_path}",
            "--size=64", "--min_size=200", "--workers=1", "--source_option=image_dir=images"]  # fmt: skip
     result = subprocess.run(cmd, cwd=DATA.parent.parent, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

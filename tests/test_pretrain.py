@@ -17,12 +17,12 @@ from helpers import run_processes
 from chexfound_jax import embed, pretrain
 from chexfound_jax.data import classification
 from chexfound_jax.eval import knn, online, tasks
+from chexfound_jax.jobs import checkpoint
 from chexfound_jax.models import weights
 from chexfound_jax.models.build import model_from_params
-from chexfound_jax.train import checkpoint
 from configs.pretrain import tiny_cpu
 from data_prep import local_runner, writers
-from data_prep import pipeline as prep
+from data_prep import stages as prep
 from data_prep.sources import get_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

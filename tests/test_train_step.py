@@ -147,6 +147,7 @@ def test_two_processes_equal_single_device(reference, tmp_path):
 
 def test_shared_head_option_traces_with_one_head():
     """ibot.separate_head=False: iBOT uses the DINO head (no ibot_head parameters)."""
+    from chexfound_jax.data import batch_layout
     from chexfound_jax.models import abstract_params
     from chexfound_jax.ssl.schedules import Schedules
     from chexfound_jax.train import optimizer as optimizer_lib
@@ -163,6 +164,6 @@ def test_shared_head_option_traces_with_one_head():
     state = jax.eval_shape(lambda: state_lib.init_state(model_cfg, optimizer, 0))
     assert set(state.student) == {"backbone", "dino_head"}
     step = step_lib.make_train_step(cfg, model_cfg, optimizer, schedules)
-    spec = recipe.batch_spec(cfg, cfg.train.batch_groups)
+    spec = batch_layout.batch_spec(cfg, cfg.train.batch_groups)
     new_state, metrics = jax.eval_shape(step, state, spec)
     assert metrics["ibot_loss"].shape == () and set(new_state.teacher) == {"backbone", "dino_head"}

@@ -1,4 +1,4 @@
-"""Stacks per-group multi-crop images and their iBOT masks into one global batch (train/recipe.py)."""
+"""Stacks per-group multi-crop images and their iBOT masks into one global batch (data/batch_layout.py)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ from typing import Any
 
 import numpy as np
 
+from chexfound_jax.data import batch_layout
 from chexfound_jax.ssl import masking
-from chexfound_jax.train import recipe
 
 
 def collate(global_crops: np.ndarray, local_crops: np.ndarray, rng: np.random.Generator, cfg: Any) -> dict:
     """(G, 2b, S, S, 3) and (G, n_local*b, s, s, 3) crops -> the batch dict, masks drawn per group."""
     groups, two_b = global_crops.shape[:2]
     grid = cfg.crops.global_crops_size // cfg.model.patch_size
-    limit = recipe.max_masked_tokens(cfg, two_b // 2)
+    limit = batch_layout.max_masked_tokens(cfg, two_b // 2)
     per_group = [
         masking.collate_masks(
             rng,

@@ -43,9 +43,8 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from chexfound_jax.data import augment, preprocess
+from chexfound_jax.data import augment, batch_layout, preprocess
 from chexfound_jax.ssl import masking
-from chexfound_jax.train import recipe
 from data_prep import records, writers
 
 PARAM_PREFIX = "aug_"
@@ -169,7 +168,7 @@ def process_data_shard(sharding: jax.sharding.Sharding, groups: int) -> tuple[in
 
 def train_layout(cfg: Any, num_batch_shards: int, process_count: int | None = None) -> TrainLayout:
     process_count = jax.process_count() if process_count is None else process_count
-    groups = recipe.batch_groups(cfg, num_batch_shards)
+    groups = batch_layout.batch_groups(cfg, num_batch_shards)
     if groups % process_count:
         raise ValueError(f"train.batch_groups={groups} groups cannot be split over {process_count} processes")
     return TrainLayout(groups, cfg.train.global_batch_size // groups, process_count)
@@ -213,7 +212,7 @@ def _group(examples: Sequence[dict], cfg: Any) -> dict:
         (grid, grid),
         mask_ratio=tuple(cfg.ibot.mask_ratio_min_max),
         mask_probability=cfg.ibot.mask_sample_probability,
-        max_masked_tokens=recipe.max_masked_tokens(cfg, two_b // 2),
+        max_masked_tokens=batch_layout.max_masked_tokens(cfg, two_b // 2),
         max_num_patches=masking.official_max_num_patches(cfg.crops.global_crops_size, cfg.model.patch_size),
     )
     out |= {k: masks[k] for k in MASK_KEYS}
@@ -254,7 +253,7 @@ def training_dataset(
 def finish_on_device(batch: Mapping[str, jax.Array], cfg: Any) -> dict[str, jax.Array]:
     """A pipeline batch -> exactly the train step's batch: photometry applied to uint8 crops (jittable)."""
     aug = augment.AugmentConfig.from_config(cfg)
-    out = {k: batch[k] for k in recipe.BATCH_KEYS}
+    out = {k: batch[k] for k in batch_layout.BATCH_KEYS}
     for kind in ("global", "local"):
         crops = batch[f"{kind}_crops"]
         if crops.dtype != jnp.uint8:  # photometric already ran on the host

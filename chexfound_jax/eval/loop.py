@@ -20,8 +20,8 @@ from jax.experimental import multihost_utils
 from chexfound_jax.data import classification
 from chexfound_jax.data.pipeline import DeviceIterator, global_batch, process_data_shard
 from chexfound_jax.eval.probe import HeadBank, check_flip
-from chexfound_jax.train.checkpoint import Checkpointer
-from chexfound_jax.train.metrics import Progress
+from chexfound_jax.jobs.checkpoint import Checkpointer
+from chexfound_jax.jobs.progress import Progress
 
 
 @dataclasses.dataclass

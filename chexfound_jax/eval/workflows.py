@@ -25,9 +25,9 @@ from PIL import Image
 from chexfound_jax.data import classification, preprocess
 from chexfound_jax.eval import loop, metrics, reports, tasks
 from chexfound_jax.eval.probe import FrozenFeatures, HeadBank, Optimization, select_best, stack_heads
+from chexfound_jax.jobs.checkpoint import Checkpointer
+from chexfound_jax.jobs.logs import MetricsWriter
 from chexfound_jax.models import classifiers
-from chexfound_jax.train.checkpoint import Checkpointer
-from chexfound_jax.train.metrics import MetricsWriter
 
 
 @dataclasses.dataclass

@@ -106,7 +106,7 @@ def split_csv(data: epath.Path, out: epath.Path, protocol: Protocol) -> dict[str
 def prepare(data: epath.Path, workdir: epath.Path, protocol: Protocol) -> epath.Path:
     """The data_prep dataset of the split images (built once; a rerun reuses it)."""
     from data_prep import local_runner, writers
-    from data_prep import pipeline as prep
+    from data_prep import stages as prep
     from data_prep.sources import get_source
 
     dataset = writers.dataset_dir(workdir / "shards", DATASET, prep.DATASET_VERSION)

@@ -25,6 +25,14 @@ per image: backbones 7.093 TFLOP nominal, 4.843 executed (keep 12 of 20 global a
 rows); with the heads (0.103 TFLOP) 7.196 TFLOP nominal (7,195,659,180,442 FLOP) against 4.946
 TFLOP executed (4,946,041,896,960 FLOP), a ratio of 1.455. An MFU computed from the nominal figure
 overstates the executed one by that ratio.
+
+MFU per log interval (`throughput_metrics`; the override is a config value in FLOP/s):
+
+    peak = hardware.peak_flops(jax.devices()[0].device_kind, peak_override)  # chexfound_jax.hardware
+    f = train_flops_per_image(cfg, group_size)
+    scalars.update(throughput_metrics(
+        batch_size, f["executed_total"], progress.interval_step_time_s, jax.device_count(), peak,
+        nominal_flops_per_image=f["total"]))
 """
 
 from __future__ import annotations
@@ -148,3 +156,41 @@ def global_attention_flops_per_image(cfg: Any, group_size: int | None = None) ->
     teacher = 2.0 * per_crop
     student = teacher * kept_rows(vit, 2 * b) / (2 * b)
     return {"teacher_forward": teacher, "student_forward": student, "executed": teacher + BACKWARD_FACTOR * student}
+
+
+# --- throughput and MFU ----------------------------------------------------------------------
+# Peak FLOP/s per chip: chexfound_jax.hardware.peak_flops (the one table of chip figures).
+
+
+def throughput_metrics(
+    images_per_step: int,
+    flops_per_image: float,
+    step_time_s: float,
+    num_devices: int,
+    peak: float | None,
+    *,
+    nominal_flops_per_image: float | None = None,
+) -> dict[str, float]:
+    """{"images_per_s", "tflops_per_s_per_device", "mfu"} of one step time, and with a nominal count
+    also {"tflops_per_s_per_device_nominal", "mfu_nominal"}.
+
+    flops_per_image is what the step executes (train.flops' "executed_total": subset drop path
+    skips rows), so "mfu" is the chip's real utilisation; the nominal count ("total": every row
+    through every block) gives the *_nominal keys, for comparison with accountings that ignore the
+    skipped rows. images_per_step is the global batch and num_devices all devices of the job, so
+    the FLOP/s are per device. MFU is a fraction of `peak` (FLOP/s per device), left out when peak
+    is None, so a metrics dict never carries a None.
+    """
+    if step_time_s <= 0 or num_devices <= 0:
+        raise ValueError(f"step_time_s and num_devices must be positive, got {step_time_s}, {num_devices}")
+    images_per_s = images_per_step / step_time_s
+    out = {"images_per_s": images_per_s}
+    counts = {"": flops_per_image}
+    if nominal_flops_per_image is not None:
+        counts["_nominal"] = nominal_flops_per_image
+    for suffix, per_image in counts.items():
+        flops_per_device = per_image * images_per_s / num_devices
+        out[f"tflops_per_s_per_device{suffix}"] = flops_per_device / 1e12
+        if peak:
+            out[f"mfu{suffix}"] = flops_per_device / peak
+    return out

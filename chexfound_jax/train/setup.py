@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import optax
 
+from chexfound_jax.data import batch_layout
 from chexfound_jax.models import ModelConfig, abstract_params
 from chexfound_jax.parallel import mesh as mesh_lib
 from chexfound_jax.parallel import sharding
@@ -64,8 +65,8 @@ def build_training(
     optimizer = optimizer_lib.make_optimizer(abstract_params(model_cfg), schedules, cfg.optim)
     mesh = mesh_lib.create_mesh(mesh_axes if mesh_axes is not None else dict(cfg.parallel.mesh), devices)
     rules = sharding.resolve_rules(rules if rules is not None else cfg.parallel.rules)
-    spec = recipe.batch_spec(cfg, recipe.batch_groups(cfg, batch_shards(rules, mesh)))
-    batch_shardings = sharding.tree_shardings(recipe.batch_logical_axes(spec), spec, rules, mesh)
+    spec = batch_layout.batch_spec(cfg, batch_layout.batch_groups(cfg, batch_shards(rules, mesh)))
+    batch_shardings = sharding.tree_shardings(batch_layout.batch_logical_axes(spec), spec, rules, mesh)
     abstract_state = jax.eval_shape(lambda: state_lib.init_state(model_cfg, optimizer, cfg.train.seed))
     state_shardings = state_lib.state_shardings(abstract_state, model_cfg, optimizer, rules, mesh)
     step = step_lib.compile_train_step(

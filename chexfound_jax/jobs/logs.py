@@ -1,8 +1,10 @@
-"""Observability of the pretraining job: TensorBoard events, a JSONL log, console progress, MFU.
+"""Metric logs of any job: TensorBoard events, a JSONL log, the run's config, a parameter table.
 
-Nothing here needs TensorFlow or TensorBoard: the event files are TFRecords (framing from
-data_prep.writers) of `Event` protos encoded by hand, since the few fields used are stable parts of
-the format and a protobuf dependency on TensorBoard's generated code is not worth adding.
+Nothing here needs TensorFlow or TensorBoard: the event files are TFRecords of `Event` protos encoded by
+hand. The few fields used are stable parts of the format (the tests parse them with protobuf's own
+parser), and writing them here keeps every write synchronous (a crash loses nothing written; tensorboardX
+queues events to a background thread, and reaches gs:// only through google-cloud-storage) and every path
+epath's (local or gs://).
 
 Writers take `enabled` from the caller so that only process 0 of a multi-host job writes:
 `MetricsWriter(workdir, enabled=jax.process_index() == 0)`.
@@ -11,77 +13,25 @@ Remote paths (gs://...) cannot be appended to, so both writers keep the whole fi
 rewrite the object at each flush (what TensorFlow's own GCS file system does); the default flush
 interval is longer there (REMOTE_FLUSH_SECS) to bound the rewrites. Metric files stay small (tens of
 MB for a full run), so this is simpler than rotating files and cheap enough.
-
-Example (per log interval; the first tick, after the run's first step, is the baseline, so the
-compilation never enters a window; the override is a config value in FLOP/s):
-
-    peak = hardware.peak_flops(jax.devices()[0].device_kind, peak_override)  # chexfound_jax.hardware
-    f = train_flops.train_flops_per_image(cfg, group_size)  # chexfound_jax.train.flops
-    progress.tick(step)
-    if progress.interval_step_time_s:
-        scalars.update(throughput_metrics(
-            batch_size, f["executed_total"], progress.interval_step_time_s, jax.device_count(), peak,
-            nominal_flops_per_image=f["total"]))
-    writer.write_scalars(step, scalars)
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+import google_crc32c
 import jax
 import numpy as np
 from etils import epath
 
-from data_prep.writers import tfrecord_frame
-
 REMOTE_FLUSH_SECS = 60.0
-
-# --- throughput and MFU ----------------------------------------------------------------------------
-# Peak FLOP/s per chip: chexfound_jax.hardware.peak_flops (the one table of chip figures).
-
-
-def throughput_metrics(
-    images_per_step: int,
-    flops_per_image: float,
-    step_time_s: float,
-    num_devices: int,
-    peak: float | None,
-    *,
-    nominal_flops_per_image: float | None = None,
-) -> dict[str, float]:
-    """{"images_per_s", "tflops_per_s_per_device", "mfu"} of one step time, and with a nominal count
-    also {"tflops_per_s_per_device_nominal", "mfu_nominal"}.
-
-    flops_per_image is what the step executes (train.flops' "executed_total": subset drop path
-    skips rows), so "mfu" is the chip's real utilisation; the nominal count ("total": every row
-    through every block) gives the *_nominal keys, for comparison with accountings that ignore the
-    skipped rows. images_per_step is the global batch and num_devices all devices of the job, so
-    the FLOP/s are per device. MFU is a fraction of `peak` (FLOP/s per device), left out when peak
-    is None, so a metrics dict never carries a None.
-    """
-    if step_time_s <= 0 or num_devices <= 0:
-        raise ValueError(f"step_time_s and num_devices must be positive, got {step_time_s}, {num_devices}")
-    images_per_s = images_per_step / step_time_s
-    out = {"images_per_s": images_per_s}
-    counts = {"": flops_per_image}
-    if nominal_flops_per_image is not None:
-        counts["_nominal"] = nominal_flops_per_image
-    for suffix, per_image in counts.items():
-        flops_per_device = per_image * images_per_s / num_devices
-        out[f"tflops_per_s_per_device{suffix}"] = flops_per_device / 1e12
-        if peak:
-            out[f"mfu{suffix}"] = flops_per_device / peak
-    return out
-
 
 # --- scalars ---------------------------------------------------------------------------------------
 
@@ -146,6 +96,20 @@ class _AppendFile:
 
 
 # --- TensorBoard event files -----------------------------------------------------------------------
+# TFRecord framing: uint64 length, masked crc32c of the length bytes, data, masked crc32c of the data.
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _tfrecord_frame(data: bytes) -> bytes:
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", _masked_crc32c(length)) + data + struct.pack("<I", _masked_crc32c(data))
+
+
+# -----------------------------------------------------------------------
 # The protobuf wire format of the fields written (tensorflow/core/util/event.proto and
 # tensorflow/core/framework/summary.proto; tensorboard/compat/proto/ holds copies):
 #   message Event { double wall_time = 1; int64 step = 2;
@@ -213,13 +177,13 @@ class TensorBoardWriter:
             path = logdir / f"{name}.{n}"
         self.path = path
         self._file = _AppendFile(path, flush_secs)
-        self._file.write(tfrecord_frame(encode_event(time.time(), 0, file_version="brain.Event:2")))
+        self._file.write(_tfrecord_frame(encode_event(time.time(), 0, file_version="brain.Event:2")))
         self._file.flush()
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         values = _scalars(scalars)
         if values:
-            self._file.write(tfrecord_frame(encode_event(time.time(), step, scalars=values)))
+            self._file.write(_tfrecord_frame(encode_event(time.time(), step, scalars=values)))
 
     def flush(self) -> None:
         self._file.flush()
@@ -333,93 +297,6 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# --- console progress ------------------------------------------------------------------------------
-
-
-def format_duration(seconds: float) -> str:
-    """'1d 4h 5m', '20h 21m', '5m 3s', '42s' (whole units, truncated): ETA precision, not timing."""
-    s = int(max(seconds, 0))
-    d, h, m = s // 86400, s // 3600 % 24, s // 60 % 60
-    if d:
-        return f"{d}d {h}h {m}m"
-    if h:
-        return f"{h}h {m}m"
-    if m:
-        return f"{m}m {s % 60}s"
-    return f"{s}s"
-
-
-def format_progress(step: int, total_steps: int, steps_per_s: float | None, images_per_step: int | None = None) -> str:
-    """'step 120/250000 (0.05%) | 3.41 steps/s, 272.8 img/s | ETA 20h 21m'; no rate yet: 'rate pending'."""
-    line = f"step {step}/{total_steps} ({100 * step / max(total_steps, 1):.2f}%)"
-    if not steps_per_s:
-        return line + " | rate pending"
-    rate = f"{steps_per_s:.3g} steps/s"
-    if images_per_step:
-        rate += f", {steps_per_s * images_per_step:.1f} img/s"
-    return f"{line} | {rate} | ETA {format_duration(max(total_steps - step, 0) / steps_per_s)}"
-
-
-class Progress:
-    """Training rate over a moving window of (step, time) points, and console lines from it.
-
-    start_step is the step the run (re)started from. Call tick(step) when `step` has finished (its
-    metrics fetched: with async dispatch, earlier is only dispatch time), every step or only at log
-    points. The first tick is the baseline, so the time before it (compilation, first batch) never
-    enters the rate: the training loop ticks once right after the run's first step (the one that
-    compiles), then at every log point, so the first log window already excludes the compilation.
-
-    steps_per_s / step_time_s average over the last `window` tick intervals (console ETA);
-    interval_step_time_s is the last interval alone (the logged throughput and MFU).
-    """
-
-    def __init__(
-        self,
-        total_steps: int,
-        start_step: int = 0,
-        *,
-        images_per_step: int | None = None,
-        window: int = 20,
-        clock: Callable[[], float] = time.perf_counter,
-    ):
-        self.total_steps = total_steps
-        self.start_step = start_step
-        self.images_per_step = images_per_step
-        self._clock = clock
-        self._points: collections.deque[tuple[int, float]] = collections.deque(maxlen=window + 1)
-
-    def tick(self, step: int) -> str:
-        """Record that `step` has finished; return its progress line."""
-        self._points.append((step, self._clock()))
-        return format_progress(step, self.total_steps, self.steps_per_s, self.images_per_step)
-
-    @property
-    def steps_per_s(self) -> float | None:
-        """Steps per second over the window; None before two ticks (or no time elapsed)."""
-        if len(self._points) < 2:
-            return None
-        (s0, t0), (s1, t1) = self._points[0], self._points[-1]
-        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
-
-    @property
-    def interval_step_time_s(self) -> float | None:
-        """Seconds per step between the last two ticks; None before two ticks (or no step between them)."""
-        if len(self._points) < 2:
-            return None
-        (s0, t0), (s1, t1) = self._points[-2], self._points[-1]
-        return (t1 - t0) / (s1 - s0) if t1 > t0 and s1 > s0 else None
-
-    @property
-    def steps_done(self) -> int:
-        """Steps finished in this run (since start_step), as of the last tick."""
-        return self._points[-1][0] - self.start_step if self._points else 0
-
-    @property
-    def step_time_s(self) -> float | None:
-        rate = self.steps_per_s
-        return 1 / rate if rate else None
 
 
 # --- parameter overview ----------------------------------------------------------------------------

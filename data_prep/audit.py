@@ -1,9 +1,9 @@
-r"""Look at a built dataset before training on it: counts, bookkeeping, a contact sheet and histograms.
+r"""Audit a built dataset before training on it: counts, bookkeeping, a contact sheet and histograms.
 
-  python -m data_prep.inspect PATH [--samples=64] [--seed=0] [--out=DIR]
+  python -m data_prep.audit PATH [--samples=64] [--seed=0] [--workdir=DIR]
 
-PATH is a dataset version directory (`<output>/<name>/<version>`, holding dataset_info.json or shards)
-or a directory above one (`<output>` or `<output>/<name>`); every dataset found is inspected. Paths go
+PATH is a dataset version directory (`<root>/<name>/<version>`, holding dataset_info.json or shards)
+or a directory above one (`<root>` or `<root>/<name>`); every dataset found is audited. Paths go
 through etils.epath, so gs:// works.
 
 For each dataset it prints the shards, records and format of every split (records counted in the shard
@@ -11,7 +11,7 @@ files themselves, not taken from dataset_info.json), whether dataset_info.json a
 manifest.json agree with those counts, the reason tally of failures.csv, and the distribution of view
 position, source, split field, image size and dtype over a seeded random sample of records. It writes
 `contact_sheet.png` (the sampled images), `histograms.png` (their intensity histograms: mean and
-10th-90th percentile band) and `inspect.json` (the printed numbers) to --out, by default the dataset
+10th-90th percentile band) and `audit.json` (the printed numbers) to --workdir, by default the dataset
 directory. Any count that does not reconcile is printed loudly and makes the exit status non-zero.
 """
 
@@ -33,14 +33,15 @@ from absl import app, flags
 from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
-from data_prep import records, writers
+from data_prep import records, retired_flags, writers
 
 
 def define_flags() -> None:
     """The CLI's flags, defined only when run as a program (library imports must not claim flag names)."""
     flags.DEFINE_integer("samples", 64, "Records drawn at random for the pictures and distributions.")
     flags.DEFINE_integer("seed", 0, "Seed of the record sample (same seed, same sample).")
-    flags.DEFINE_string("out", None, "Output directory for the pictures and inspect.json; default: the dataset.")
+    flags.DEFINE_string("workdir", None, "Output directory for the pictures and audit.json; default: the dataset.")
+    retired_flags.define_renamed("out", "workdir")
 
 
 CELL = 128  # contact sheet cell (px): thumbnails are resized so their longer side fills it
@@ -70,7 +71,7 @@ def is_dataset_dir(path: epath.PathLike) -> bool:
 
 
 def find_datasets(path: epath.PathLike, max_depth: int = 2) -> list[epath.Path]:
-    """Dataset version directories at or below `path` (depth 2 reaches `<output>/<name>/<version>`)."""
+    """Dataset version directories at or below `path` (depth 2 reaches `<root>/<name>/<version>`)."""
     path = epath.Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory")
@@ -413,8 +414,8 @@ def _write_png(path: epath.Path, array: np.ndarray) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def inspect_dataset(ds_dir: epath.PathLike, out_dir: epath.PathLike, samples: int, seed: int) -> dict[str, Any]:
-    """Everything `main` prints for one dataset, as JSON-able data; writes the pictures and inspect.json."""
+def audit_dataset(ds_dir: epath.PathLike, out_dir: epath.PathLike, samples: int, seed: int) -> dict[str, Any]:
+    """Everything `main` prints for one dataset, as JSON-able data; writes the pictures and audit.json."""
     ds_dir, out_dir = epath.Path(ds_dir), epath.Path(out_dir)
     counts = split_counts(ds_dir)
     report: dict[str, Any] = {
@@ -453,8 +454,8 @@ def inspect_dataset(ds_dir: epath.PathLike, out_dir: epath.PathLike, samples: in
         _write_png(out_dir / "histograms.png", histogram_plot(hists))
         report["files"] = [str(out_dir / "contact_sheet.png"), str(out_dir / "histograms.png")]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "inspect.json").write_text(json.dumps(report, indent=2) + "\n")
-    report["files"].append(str(out_dir / "inspect.json"))
+    (out_dir / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["files"].append(str(out_dir / "audit.json"))
     return report
 
 
@@ -495,19 +496,19 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(paths: list[str], samples: int = 64, seed: int = 0, out: str | None = None) -> None:
+def run(paths: list[str], samples: int = 64, seed: int = 0, workdir: str | None = None) -> None:
     """Inspects every dataset under `paths`; exits non-zero naming each problem found."""
     try:
         found = [ds for path in paths for ds in find_datasets(path)]
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"inspect: {e}")
+        sys.exit(f"audit: {e}")
     failed = []
     for ds_dir in found:
-        out_dir = ds_dir if out is None else epath.Path(out)
-        if out is not None and len(found) > 1:  # one subdirectory each, so they do not overwrite each other
+        out_dir = ds_dir if workdir is None else epath.Path(workdir)
+        if workdir is not None and len(found) > 1:  # one subdirectory each, so they do not overwrite each other
             out_dir = out_dir / ds_dir.parent.name / ds_dir.name
         try:
-            report = inspect_dataset(ds_dir, out_dir, samples, seed)
+            report = audit_dataset(ds_dir, out_dir, samples, seed)
         except (FileNotFoundError, ValueError) as e:
             print(f"== {ds_dir}\n  ERROR: {e}")
             failed.append(f"{ds_dir}: {e}")
@@ -515,13 +516,13 @@ def run(paths: list[str], samples: int = 64, seed: int = 0, out: str | None = No
         print(format_report(report), flush=True)
         failed += [f"{ds_dir}: {p}" for p in report["problems"]]
     if failed:
-        sys.exit(f"inspect: {len(failed)} problem(s):\n  " + "\n  ".join(failed))
+        sys.exit(f"audit: {len(failed)} problem(s):\n  " + "\n  ".join(failed))
 
 
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise app.UsageError("no PATH given")
-    run(argv[1:], flags.FLAGS.samples, flags.FLAGS.seed, flags.FLAGS.out)
+    run(argv[1:], flags.FLAGS.samples, flags.FLAGS.seed, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

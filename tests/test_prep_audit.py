@@ -1,4 +1,4 @@
-"""data_prep.inspect: shard counts, manifest reconciliation, seeded samples, contact sheet and histograms."""
+"""data_prep.audit: shard counts, manifest reconciliation, seeded samples, contact sheet and histograms."""
 
 import io
 import json
@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import inspect as prep_inspect
-from data_prep import records, writers
+from data_prep import audit, records, writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data")
@@ -100,7 +99,7 @@ def manifest_for(order: dict, **changes) -> dict:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """Two datasets under one output: cxr_ar (uint8, ArrayRecord) and cxr_tf (uint16, TFRecord)."""
-    output = tmp_path_factory.mktemp("inspect") / "out"
+    output = tmp_path_factory.mktemp("audit") / "out"
     real, synth = real_images(), synthetic_images()
     ar = build(output, "cxr_ar", "array_record", np.uint8, {"train": (real[:7] + synth, 3), "test": (real[7:], 1)})
     tf_images = [(img.astype(np.uint16) * 257) for img in real[:5]] + [np.full((24, 36), CONSTANT16, np.uint16)]
@@ -116,7 +115,7 @@ def built(tmp_path_factory):
     return output, {"cxr_ar": ar, "cxr_tf": tf}
 
 
-def expected_cell(image: np.ndarray, cell: int = prep_inspect.CELL) -> np.ndarray:
+def expected_cell(image: np.ndarray, cell: int = audit.CELL) -> np.ndarray:
     """A contact sheet cell computed from the spec: 8-bit, bilinear fit of the longer side, centred on black."""
     eight = image if image.dtype == np.uint8 else np.round(image / 65535 * 255).astype(np.uint8)
     h, w = image.shape
@@ -128,7 +127,7 @@ def expected_cell(image: np.ndarray, cell: int = prep_inspect.CELL) -> np.ndarra
     return out
 
 
-def sheet_cell(sheet: np.ndarray, k: int, n: int, cell: int = prep_inspect.CELL) -> np.ndarray:
+def sheet_cell(sheet: np.ndarray, k: int, n: int, cell: int = audit.CELL) -> np.ndarray:
     cols = int(np.ceil(np.sqrt(n)))
     r, c = divmod(k, cols)
     top, left = 2 + r * (cell + 2), 2 + c * (cell + 2)
@@ -141,20 +140,20 @@ def sheet_cell(sheet: np.ndarray, k: int, n: int, cell: int = prep_inspect.CELL)
 def test_find_datasets_at_every_level(built, tmp_path):
     output, _ = built
     both = [output / "cxr_ar" / "1.0.0", output / "cxr_tf" / "1.0.0"]
-    assert prep_inspect.find_datasets(output) == both
-    assert prep_inspect.find_datasets(output / "cxr_tf") == both[1:]
-    assert prep_inspect.find_datasets(str(both[0])) == both[:1]
+    assert audit.find_datasets(output) == both
+    assert audit.find_datasets(output / "cxr_tf") == both[1:]
+    assert audit.find_datasets(str(both[0])) == both[:1]
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     with pytest.raises(ValueError, match=str(tmp_path / "empty")):
-        prep_inspect.find_datasets(tmp_path / "empty")
+        audit.find_datasets(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="nope"):
-        prep_inspect.find_datasets(tmp_path / "nope")
+        audit.find_datasets(tmp_path / "nope")
 
 
 @pytest.mark.parametrize("name", ["cxr_ar", "cxr_tf"])
 def test_split_counts_are_what_was_written(built, name):
     output, orders = built
-    counts = prep_inspect.split_counts(output / name / "1.0.0")
+    counts = audit.split_counts(output / name / "1.0.0")
     order = orders[name]
     assert sorted(counts) == sorted(order)
     for split, c in counts.items():
@@ -170,21 +169,21 @@ def test_unfinished_split_is_named(tmp_path):
     ds_dir = writers.dataset_dir(tmp_path, "half")
     items = [example(i, np.full((8, 8), i, np.uint8), "val") for i in range(4)]
     writers.write_split(items, records.encode_record, ds_dir=ds_dir, split="val", num_shards=3, shards=[0, 2])
-    assert prep_inspect.find_datasets(tmp_path) == [ds_dir]  # found by its shards, no dataset_info.json yet
+    assert audit.find_datasets(tmp_path) == [ds_dir]  # found by its shards, no dataset_info.json yet
     with pytest.raises(ValueError, match=r"split 'val' is unfinished: shards \[1\] of 3"):
-        prep_inspect.split_counts(ds_dir)
+        audit.split_counts(ds_dir)
 
 
 def test_dataset_info_disagreement_is_a_problem(built, tmp_path):
     output, _ = built
     ds_dir = tmp_path / "cxr_tf" / "1.0.0"
     shutil.copytree(output / "cxr_tf" / "1.0.0", ds_dir)
-    counts = prep_inspect.split_counts(ds_dir)
-    assert prep_inspect.check_dataset_info(ds_dir, counts) == []
+    counts = audit.split_counts(ds_dir)
+    assert audit.check_dataset_info(ds_dir, counts) == []
     info = json.loads((ds_dir / "dataset_info.json").read_text())
     info["splits"][0]["shardLengths"] = ["3", "4"]
     (ds_dir / "dataset_info.json").write_text(json.dumps(info))
-    (problem,) = prep_inspect.check_dataset_info(ds_dir, counts)
+    (problem,) = audit.check_dataset_info(ds_dir, counts)
     assert "'train'" in problem and "[3, 4]" in problem and "[3, 3]" in problem
 
 
@@ -193,36 +192,36 @@ def test_dataset_info_disagreement_is_a_problem(built, tmp_path):
 
 def test_reconcile_accepts_consistent_and_names_each_mismatch(built):
     output, orders = built
-    counts = prep_inspect.split_counts(output / "cxr_ar" / "1.0.0")
+    counts = audit.split_counts(output / "cxr_ar" / "1.0.0")
     order = orders["cxr_ar"]
     good = json.loads((output / "cxr_ar" / "1.0.0" / "manifest.json").read_text())
-    assert prep_inspect.reconcile(good, counts) == []
+    assert audit.reconcile(good, counts) == []
 
-    (p,) = prep_inspect.reconcile(
+    (p,) = audit.reconcile(
         manifest_for(order, seen=good["counts"]["seen"] + 1, listed=good["counts"]["listed"] + 1)
         | {"splits": good["splits"]},
         counts,
     )
     assert p.startswith("counts.seen=") and "near_duplicate=1" in p
-    (p,) = prep_inspect.reconcile(manifest_for(order, listed=1) | {"splits": good["splits"]}, counts)
+    (p,) = audit.reconcile(manifest_for(order, listed=1) | {"splits": good["splits"]}, counts)
     assert p.startswith("counts.listed=1 != view_filtered+missing+seen=")
     bad_split = json.loads(json.dumps(good))
     bad_split["splits"]["test"]["written"] = 2
-    (p,) = prep_inspect.reconcile(bad_split, counts)
+    (p,) = audit.reconcile(bad_split, counts)
     assert p == "split 'test': manifest written=2 != 3 records in shards"
     bad_split["splits"]["test"]["written"] = 3
     bad_split["splits"]["val"] = {"written": 0, "num_shards": 1}
-    (p,) = prep_inspect.reconcile(bad_split, counts)
+    (p,) = audit.reconcile(bad_split, counts)
     assert "'val'" in p and "no shards" in p
     no_near = json.loads(json.dumps(good))
     del no_near["counts"]["near_duplicate"]
-    (p,) = prep_inspect.reconcile(no_near, counts)
+    (p,) = audit.reconcile(no_near, counts)
     assert "near_duplicate" in p and "missing" in p
 
 
 def test_failure_tally(built):
     output, _ = built
-    tally = prep_inspect.failure_tally(output / "cxr_ar" / "1.0.0" / "failures.csv")
+    tally = audit.failure_tally(output / "cxr_ar" / "1.0.0" / "failures.csv")
     assert tally == {"decode_error": 2, "too_small": 1} and list(tally) == ["decode_error", "too_small"]
 
 
@@ -232,16 +231,16 @@ def test_failure_tally(built):
 @pytest.mark.parametrize("name", ["cxr_ar", "cxr_tf"])
 def test_sample_is_seeded_and_reads_the_right_records(built, name):
     output, orders = built
-    counts = prep_inspect.split_counts(output / name / "1.0.0")
+    counts = audit.split_counts(output / name / "1.0.0")
     total = sum(c.records for c in counts.values())
-    keys = prep_inspect.sample_keys(counts, 4, seed=1)
+    keys = audit.sample_keys(counts, 4, seed=1)
     assert len(keys) == 4 and len(set(keys)) == 4
-    assert keys == prep_inspect.sample_keys(counts, 4, seed=1)
-    assert keys != prep_inspect.sample_keys(counts, 4, seed=2)
-    everything = prep_inspect.sample_keys(counts, 1000, seed=5)
+    assert keys == audit.sample_keys(counts, 4, seed=1)
+    assert keys != audit.sample_keys(counts, 4, seed=2)
+    everything = audit.sample_keys(counts, 1000, seed=5)
     assert everything == [(s, i) for s in sorted(counts) for i in range(counts[s].records)]
     assert len(everything) == total
-    for sample in prep_inspect.sample_records(counts, 4, seed=1):
+    for sample in audit.sample_records(counts, 4, seed=1):
         want = orders[name][sample.split][sample.index]
         assert records.records_equal(sample.record, records.normalize_record(want))
 
@@ -253,8 +252,8 @@ def test_contact_sheet_grid_and_cells():
     real = real_images()
     noise16 = np.random.default_rng(0).integers(0, 65535, (20, 30), endpoint=True).astype(np.uint16)
     images = [*real[:4], real[-1], real[-2].astype(np.uint16) * 257, np.full((30, 50), CONSTANT8, np.uint8), noise16]
-    sheet = prep_inspect.contact_sheet(images)
-    cell, n = prep_inspect.CELL, len(images)  # 8 images: 3 x 3 grid
+    sheet = audit.contact_sheet(images)
+    cell, n = audit.CELL, len(images)  # 8 images: 3 x 3 grid
     assert sheet.dtype == np.uint8 and sheet.shape == (2 + 3 * (cell + 2), 2 + 3 * (cell + 2))
     for k, image in enumerate(images):
         np.testing.assert_array_equal(sheet_cell(sheet, k, n), expected_cell(image), err_msg=f"cell {k}")
@@ -266,7 +265,7 @@ def test_contact_sheet_grid_and_cells():
 
 
 def test_uint16_to_8_bit_rounds_over_the_full_range():
-    got = prep_inspect.to_uint8(np.array([[0, 128, 129, 257 * 100 + 128, 65535]], np.uint16))
+    got = audit.to_uint8(np.array([[0, 128, 129, 257 * 100 + 128, 65535]], np.uint16))
     np.testing.assert_array_equal(got, [[0, 0, 1, 100, 255]])
     assert got.dtype == np.uint8
 
@@ -281,7 +280,7 @@ def test_intensity_histograms():
         real[0],
         real[0].astype(np.uint16) * 257,
     ]
-    hists = prep_inspect.intensity_histograms(images)
+    hists = audit.intensity_histograms(images)
     assert hists.shape == (6, 64)
     np.testing.assert_allclose(hists.sum(axis=1), 1.0)
     assert hists[0, 50] == 1.0 and hists[1, 50] == 1.0
@@ -290,7 +289,7 @@ def test_intensity_histograms():
     want = np.histogram(real[0] / 255.0, bins=64, range=(0.0, 1.0))[0] / real[0].size
     np.testing.assert_array_equal(hists[4], want)
     np.testing.assert_allclose(hists[5], want)  # x * 257 is the same fraction of the uint16 range
-    plot = prep_inspect.histogram_plot(hists)
+    plot = audit.histogram_plot(hists)
     assert plot.shape == (420, 720, 3) and plot.dtype == np.uint8
     assert len(np.unique(plot.reshape(-1, 3), axis=0)) > 3  # band, line, axes and text on white
 
@@ -309,13 +308,13 @@ def read_png(path) -> np.ndarray:
 def test_cli_entry_point(built, tmp_path):
     output, orders = built
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "data_prep.inspect", str(output), f"--out={tmp_path}", "--samples=9", "--seed=3"]
+    cmd = [sys.executable, "-m", "data_prep.audit", str(output), f"--workdir={tmp_path}", "--samples=9", "--seed=3"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "reconciles" in proc.stdout and "decode_error 2" in proc.stdout
     for name, order in orders.items():
         out = tmp_path / name / "1.0.0"
-        report = json.loads((out / "inspect.json").read_text())
+        report = json.loads((out / "audit.json").read_text())
         assert report["splits"] == {
             s: {"shards": {"train": 3, "test": 1}[s] if name == "cxr_ar" else 2, "records": len(v)}
             for s, v in order.items()
@@ -341,7 +340,7 @@ def test_cli_entry_point(built, tmp_path):
             np.testing.assert_array_equal(sheet_cell(sheet, k, n), expected_cell(picked[k]))
         hist_png = read_png(out / "histograms.png")
         assert hist_png.shape == (420, 720, 3)
-    ar = json.loads((tmp_path / "cxr_ar" / "1.0.0" / "inspect.json").read_text())
+    ar = json.loads((tmp_path / "cxr_ar" / "1.0.0" / "audit.json").read_text())
     assert ar["failures"] == {"decode_error": 2, "too_small": 1}
     assert ar["manifest"]["counts"]["written"] == 13
 
@@ -354,16 +353,16 @@ def test_mismatch_exits_non_zero(built, tmp_path, capsys):
     manifest["counts"]["near_duplicate"] += 2
     (ds_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SystemExit) as exit_info:
-        prep_inspect.run([str(ds_dir)], samples=3, out=str(tmp_path / "pics"))
+        audit.run([str(ds_dir)], samples=3, workdir=str(tmp_path / "pics"))
     assert exit_info.value.code not in (0, None)
     assert "counts.seen=" in str(exit_info.value.code) and "near_duplicate=3" in str(exit_info.value.code)
     assert "DO NOT RECONCILE" in capsys.readouterr().out
-    report = json.loads((tmp_path / "pics" / "inspect.json").read_text())
+    report = json.loads((tmp_path / "pics" / "audit.json").read_text())
     assert len(report["problems"]) == 1 and report["sample"]["n"] == 3
     assert read_png(tmp_path / "pics" / "contact_sheet.png").shape == (2 + 2 * 130, 2 + 2 * 130)
 
 
 def test_no_dataset_exits_naming_path(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        prep_inspect.run([str(tmp_path)])
+        audit.run([str(tmp_path)])
     assert str(tmp_path) in str(exit_info.value.code)

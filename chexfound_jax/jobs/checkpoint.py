@@ -1,4 +1,5 @@
-"""Pretraining checkpoints: the whole TrainState, the data-iterator position and the config, per step.
+"""Checkpoints of any job: its whole state (a pretraining TrainState, a head bank), the data-iterator
+position and the config, per step.
 
 A thin wrapper around `orbax.checkpoint.CheckpointManager`, so that resuming is exact (every state
 leaf, including the optimiser state, the raw PRNG key and the centres, plus where the input pipeline

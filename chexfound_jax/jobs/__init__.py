@@ -1,0 +1,1 @@
+"""What every job (pretraining, evaluation, experiments) needs: checkpoints, metric logs, progress."""
