@@ -1,7 +1,7 @@
 """Input pipeline throughput: our grain pipeline against the official torchvision DataAugmentationDINO.
 
 Both sides produce the same thing from the same pixels: per image 2 global crops + N local crops of the
-DINOv2 multi-crop augmentation (official data/augmentations.py), collated into batches of --batch images
+DINOv2 multi-crop augmentation (official data/augmentations.py), collated into batches of --batch_size images
 (crop-major, as the official collate) with the iBOT masks of the official collate.
 
 - ours-device: `pipeline.training_dataset` with `data.photometric="device"`. The host decodes the record,
@@ -11,14 +11,14 @@ DINOv2 multi-crop augmentation (official data/augmentations.py), collated into b
 - ours-host: the same with `data.photometric="host"`: everything on the host, float32 RGB crops out.
 - torchvision: the official recipe in bench/loader_torchvision.py, run by another interpreter
   (--torchvision_python, a virtualenv with torch and torchvision; that file imports only torch, torchvision,
-  numpy, PIL, the standard library and this file's standard-library helpers). A map-style dataset reads a
-  PNG file, decodes it with `Image.open(...).convert("RGB")` and applies `DataAugmentationDINO`
-  (dinov2/data/augmentations.py: RandomResizedCrop bicubic + flip,
-  ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, RandomGrayscale 0.2, GaussianBlur(9, sigma 0.1-2) through the
-  official wrapper that applies 1 - p, Solarize(128) p 0.2 on global crop 2, ToTensor, Normalize), in a
-  torch DataLoader with an infinite shuffling sampler and the official `collate_data_and_cast` (stack
-  crop-major, masks, cast to float16). The masks of both sides come from `chexfound_jax.ssl.masking.
-  collate_masks` (loaded from its file: it needs only numpy), so the comparison is about the image work.
+  numpy, PIL, the standard library and bench/cpu_timing.py, and reads its cells as JSON on stdin). A
+  map-style dataset reads a PNG file, decodes it with `Image.open(...).convert("RGB")` and applies
+  `DataAugmentationDINO` (dinov2/data/augmentations.py: RandomResizedCrop bicubic + flip, ColorJitter(0.4,
+  0.4, 0.2, 0.1) p 0.8, RandomGrayscale 0.2, GaussianBlur(9, sigma 0.1-2) through the official wrapper that
+  applies 1 - p, Solarize(128) p 0.2 on global crop 2, ToTensor, Normalize), in a torch DataLoader with an
+  infinite shuffling sampler and the official `collate_data_and_cast` (stack crop-major, masks, cast to
+  float16). The masks of both sides come from `chexfound_jax.ssl.masking.collate_masks` (loaded from its
+  file: it needs only numpy), so the comparison is about the image work.
 
 Data: by default the bundled Kermany X-rays (tests/data/kermany, 24 images of about 256 px) are built
 into a data_prep dataset with --prep_size (512: upsampled to a 512 px shorter side, as the official
@@ -38,24 +38,34 @@ cores). Medians and bests over the windows are reported; the machine's load show
 
 Usage, from the repository root with the dev virtualenv active:
     python -m bench.loader_throughput --torchvision_python=~/tv-venv/bin/python
-    python -m bench.loader_throughput --sizes=224/96 --workers=0 --images=40 --repeats=5 --json=out.json
+    python -m bench.loader_throughput --crop_sizes=224/96 --workers=0 --images=40 --repeats=5 --out=out.json
+    python -m bench.loader_throughput --config=configs/pretrain/tiny_cpu.py --config.crops.local_crops_number=4 \
+        --crop_sizes=config
 
 Nothing is asserted: this is a measurement, not a test.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
+import dataclasses
 import json
 import os
 import pathlib
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from bench import command_line
+from bench.cpu_timing import measure, plan, summarize
+from chexfound_jax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "pretrain" / "vitl16_512.py"
@@ -63,108 +73,43 @@ KERMANY = REPO / "tests" / "data" / "kermany"
 MASKING_PY = REPO / "chexfound_jax" / "ssl" / "masking.py"
 TORCHVISION_PY = REPO / "bench" / "loader_torchvision.py"  # the torchvision side
 IMPLS = ("ours-device", "ours-host", "torchvision")
-
-# ---------------------------------------------------------------------------------------------------
-# Shared by both interpreters: standard library only.
-# ---------------------------------------------------------------------------------------------------
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_table() -> dict[int, tuple[int, float]]:
-    """{pid: (parent pid, user + system CPU seconds)} of every process /proc shows."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # exited meanwhile
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()  # the command name may hold spaces and parentheses
-        table[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK)
-    return table
-
-
-def tree_cpu(root: int | None = None) -> dict[int, float]:
-    """CPU seconds so far of `root` (default: this process) and each living descendant, by pid."""
-    root = os.getpid() if root is None else root
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = {}, [root]
-    while todo:
-        pid = todo.pop()
-        if pid in table:
-            out[pid] = table[pid][1]
-            todo.extend(children.get(pid, ()))
-    return out
-
-
-def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds the tree used between two `tree_cpu` snapshots (processes born in between count in full)."""
-    return sum(t - before.get(pid, 0.0) for pid, t in after.items())
-
-
-def measure(iterator: Any, *, batch: int, warmup: int, window_batches: int, windows: int) -> list[dict[str, float]]:
-    """Consume `warmup` batches, then time `windows` consecutive windows of `window_batches` batches each."""
-    for _ in range(warmup):
-        next(iterator)
-    out = []
-    for _ in range(windows):
-        cpu0, t0 = tree_cpu(), time.perf_counter()
-        for _ in range(window_batches):
-            next(iterator)
-        t1, cpu1 = time.perf_counter(), tree_cpu()
-        wall, cpu = t1 - t0, cpu_between(cpu0, cpu1)
-        main_cpu = cpu1[os.getpid()] - cpu0[os.getpid()]
-        images = window_batches * batch
-        out.append(
-            {"images": images, "wall_s": wall, "cpu_s": cpu, "main_cpu_s": main_cpu, "images_per_s": images / wall}
-        )
-        out[-1]["images_per_core_s"] = images / cpu if cpu > 0 else float("nan")
-        out[-1]["cores"] = cpu / wall
-    return out
-
-
-def summarize(windows: list[dict[str, float]]) -> dict[str, Any]:
-    """Median and best of the per-window figures."""
-    out: dict[str, Any] = {"windows": windows}
-    for key in ("images_per_s", "images_per_core_s", "cores"):
-        values = [w[key] for w in windows]
-        out[key] = statistics.median(values)
-        if key != "cores":
-            out[f"{key}_best"] = max(values)
-    out["cpu_ms_per_image"] = 1e3 / out["images_per_core_s"]
-    out["main_cpu_share"] = sum(w["main_cpu_s"] for w in windows) / max(sum(w["cpu_s"] for w in windows), 1e-9)
-    return out
-
-
-def plan(images: int, batch: int, workers: int) -> tuple[int, int]:
-    """(warm-up batches, batches per window): windows hold whole rounds over the workers."""
-    rounds = max(1, workers)
-    window = -(-max(images, batch) // batch)
-    window = -(-window // rounds) * rounds
-    return max(1, 2 * workers), window
-
+RENAMED = {"json": "out", "batch": "batch_size", "sizes": "crop_sizes"}  # old flag -> new (bench.command_line)
 
 # ---------------------------------------------------------------------------------------------------
 # Our side (the dev virtualenv).
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_config(path: str | os.PathLike) -> Any:
-    spec = importlib.util.spec_from_file_location("_bench_config", os.fspath(path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+CropSizes = tuple[int, int] | None  # (global, local) pixels; None: the config's own
 
 
-def parse_sizes(text: str) -> list[tuple[int, int] | None]:
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What a run measures: the command line, typed (defaults as the flags')."""
+
+    crop_sizes: tuple[CropSizes, ...] = ((512, 144), (224, 96))
+    images: int = 30  # per timed window
+    repeats: int = 3  # timed windows per cell
+    workers: tuple[int, ...] = (0, 2)
+    batch_size: int = 10  # the official per-GPU batch at 512
+    read_threads: int = 1
+    read_buffer: int = 2
+    dataset: str | None = None  # None: the bundled Kermany images, built at prep_size
+    split: str = "train"
+    prep_size: int = 512
+    export_limit: int = 1024
+    torchvision_python: str | None = None
+    device_repeats: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        if min(self.images, self.repeats, self.batch_size) < 1 or not self.workers or min(self.workers) < 0:
+            raise ValueError("--images, --repeats and --batch_size must be positive and --workers non-negative")
+
+
+def parse_crop_sizes(text: str) -> list[CropSizes]:
     """'512/144,224/96' -> [(512, 144), (224, 96)]; 'config' -> [None] (the config's own crop sizes)."""
-    out: list[tuple[int, int] | None] = []
+    out: list[CropSizes] = []
     for item in text.split(","):
         item = item.strip()
         if item == "config":
@@ -172,20 +117,20 @@ def parse_sizes(text: str) -> list[tuple[int, int] | None]:
             continue
         g, sep, s = item.partition("/")
         if not sep or not g.isdigit() or not s.isdigit() or int(g) < 1 or int(s) < 1:
-            raise ValueError(f"--sizes wants comma-separated GLOBAL/LOCAL pixel sizes or 'config', got {text!r}")
+            raise ValueError(f"--crop_sizes wants comma-separated GLOBAL/LOCAL pixel sizes or 'config', got {text!r}")
         out.append((int(g), int(s)))
     return out
 
 
-def bench_config(base: Any, size: tuple[int, int] | None, photometric: str, args: argparse.Namespace, dataset: str):
-    """The config of one cell: crop sizes, photometric mode, one group of --batch images per batch."""
+def bench_config(base: Any, size: CropSizes, photometric: str, options: Options, dataset: str) -> Any:
+    """The config of one cell: crop sizes, photometric mode, one group of --batch_size images per batch."""
     cfg = base.copy_and_resolve_references()
     if size is not None:
         cfg.crops.global_crops_size, cfg.crops.local_crops_size = size
     cfg.data.update(
-        datasets=(dataset,), photometric=photometric, read_threads=args.read_threads, read_buffer=args.read_buffer
+        datasets=(dataset,), photometric=photometric, read_threads=options.read_threads, read_buffer=options.read_buffer
     )
-    cfg.train.update(global_batch_size=args.batch, batch_groups=1)
+    cfg.train.update(global_batch_size=options.batch_size, batch_groups=1)
     return cfg
 
 
@@ -196,7 +141,7 @@ def size_name(cfg: Any) -> str:
 def build_kermany(out: pathlib.Path, prep_size: int) -> pathlib.Path:
     """The bundled Kermany X-rays as a data_prep dataset, shorter side `prep_size`."""
     from data_prep import local_runner, writers
-    from data_prep import pipeline as prep
+    from data_prep import stages as prep
     from data_prep.sources import get_source
 
     source = get_source(
@@ -238,17 +183,17 @@ def export_pngs(dataset: str, split: str, out: pathlib.Path, limit: int) -> dict
     }
 
 
-def ours_cell(cfg: Any, workers: int, args: argparse.Namespace, keep: list | None = None) -> dict[str, Any]:
+def ours_cell(cfg: Any, workers: int, options: Options, keep: list | None = None) -> dict[str, Any]:
     from chexfound_jax.data import pipeline
 
     t0 = time.perf_counter()
     layout = pipeline.train_layout(cfg, num_batch_shards=1, process_count=1)
     it = iter(pipeline.training_dataset(cfg, layout, process_index=0, num_workers=workers))
-    warmup, window = plan(args.images, args.batch, workers)
+    warmup, window = plan(options.images, options.batch_size, workers)
     if keep is not None:
         keep.append(next(it))
         warmup = max(0, warmup - 1)
-    windows = measure(it, batch=args.batch, warmup=warmup, window_batches=window, windows=args.repeats)
+    windows = measure(it, batch=options.batch_size, warmup=warmup, window_batches=window, windows=options.repeats)
     close = getattr(it, "close", None)
     if close is not None:
         close()
@@ -317,9 +262,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_torchvision(python: str, spec: dict[str, Any], tmp: pathlib.Path) -> dict[str, Any]:
+    """The torchvision cells of `spec`, measured by `python` (its own virtualenv): the spec goes in as JSON on
+    stdin, the figures come back in a JSON file (stdout is left to torch's messages)."""
     out = tmp / "torchvision.json"
-    cmd = [python, os.fspath(TORCHVISION_PY), "--torchvision_child", json.dumps(spec), os.fspath(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    cmd = [python, os.fspath(TORCHVISION_PY), os.fspath(out)]
+    proc = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, cwd=tmp)
     if proc.returncode != 0:
         raise RuntimeError(f"the torchvision side failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
@@ -342,32 +289,6 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.fspath(DEFAULT_CONFIG), help="pretraining config file (get_config())")
-    p.add_argument("--sizes", default="512/144,224/96", help="GLOBAL/LOCAL crop sizes, comma-separated, or 'config'")
-    p.add_argument("--images", type=int, default=30, help="images per timed window")
-    p.add_argument("--repeats", type=int, default=3, help="timed windows per cell (median and best reported)")
-    p.add_argument("--workers", default="0,2", help="comma-separated worker counts (0: in the main process)")
-    p.add_argument("--batch", type=int, default=10, help="images per batch (the official per-GPU batch at 512)")
-    p.add_argument("--read_threads", type=int, default=1, help="grain threads per process (data.read_threads)")
-    p.add_argument("--read_buffer", type=int, default=2, help="grain prefetch buffer per process, in batches")
-    p.add_argument("--dataset", default=None, help="a built data_prep dataset (<output>/<name>/<version>)")
-    p.add_argument("--split", default="train")
-    p.add_argument("--prep_size", type=int, default=512, help="shorter side of the bundled Kermany build")
-    p.add_argument("--export_limit", type=int, default=1024, help="records written as PNGs for torchvision")
-    p.add_argument("--torchvision_python", default=None, help="python of a virtualenv with torch + torchvision")
-    p.add_argument("--device_repeats", type=int, default=3, help="timed calls of jit(finish_on_device)")
-    p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    args.size_list = parse_sizes(args.sizes)
-    args.worker_list = [int(w) for w in args.workers.split(",")]
-    if args.images < 1 or args.repeats < 1 or args.batch < 1 or min(args.worker_list) < 0:
-        p.error("--images, --repeats and --batch must be positive and --workers non-negative")
-    return args
-
-
 def _cell_line(cell: dict[str, Any]) -> str:
     return (
         f"{cell['size']} {cell['impl']} workers={cell['workers']}: {cell['images_per_s']:.1f} images/s,"
@@ -375,7 +296,7 @@ def _cell_line(cell: dict[str, Any]) -> str:
     )
 
 
-def torchvision_spec(cfg: Any, args: argparse.Namespace, png_dir: pathlib.Path) -> dict[str, Any]:
+def torchvision_spec(cfg: Any, options: Options, png_dir: pathlib.Path) -> dict[str, Any]:
     """What the torchvision side needs to run the same recipe as `cfg` on the same PNGs."""
     from chexfound_jax.data import batch_layout
 
@@ -389,16 +310,16 @@ def torchvision_spec(cfg: Any, args: argparse.Namespace, png_dir: pathlib.Path) 
         "grid": cfg.crops.global_crops_size // cfg.model.patch_size,
         "mask_ratio": list(cfg.ibot.mask_ratio_min_max),
         "mask_probability": cfg.ibot.mask_sample_probability,
-        "max_masked_tokens": batch_layout.max_masked_tokens(cfg, args.batch),
+        "max_masked_tokens": batch_layout.max_masked_tokens(cfg, options.batch_size),
     }
     return {
         "png_dir": os.fspath(png_dir),
         "masking_py": os.fspath(MASKING_PY),
-        "workers": args.worker_list,
-        "images": args.images,
-        "repeats": args.repeats,
-        "batch": args.batch,
-        "seed": args.seed,
+        "workers": list(options.workers),
+        "images": options.images,
+        "repeats": options.repeats,
+        "batch": options.batch_size,
+        "seed": options.seed,
         "sizes": [size],
     }
 
@@ -415,18 +336,42 @@ def add_ratios(cells: list[dict[str, Any]]) -> None:
     cells.sort(key=lambda c: (-int(c["size"].split("/")[0]), c["workers"], order[c["impl"]]))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    from absl import flags
+def _data(options: Options, tmp: pathlib.Path) -> dict[str, Any]:
+    """The dataset (--dataset, or the bundled Kermany images built here) and its records exported as PNGs."""
+    dataset = options.dataset
+    if not dataset:
+        t0 = time.perf_counter()
+        dataset = os.fspath(build_kermany(tmp / "shards", options.prep_size))
+        print(f"built the Kermany dataset (shorter side {options.prep_size}) in {time.perf_counter() - t0:.1f} s")
+    return {"dataset": dataset, **export_pngs(dataset, options.split, tmp / "png", options.export_limit)}
 
+
+def _ours_cells(base: Any, size: CropSizes, dataset: str, options: Options, result: dict[str, Any]) -> Any:
+    """Our cells of one crop size into `result` (and jit(finish_on_device) on a batch); the device-mode config."""
+    cfgs = {mode: bench_config(base, size, mode, options, dataset) for mode in ("device", "host")}
+    for workers in options.workers:
+        for mode, cfg in cfgs.items():
+            keep: list | None = [] if mode == "device" and workers == 0 else None
+            result["cells"].append(ours_cell(cfg, workers, options, keep))
+            print(_cell_line(result["cells"][-1]))
+            if keep:
+                fod = time_finish_on_device(cfg, keep[0], options.device_repeats)
+                result["finish_on_device"].append(fod)
+                print(
+                    f"{fod['size']} jit(finish_on_device) on {fod['device']}: {fod['ms_per_image']:.1f}"
+                    f" ms/image (batch {fod['batch_s'] * 1e3:.0f} ms, compile {fod['compile_s']:.1f} s)"
+                )
+    return cfgs["device"]
+
+
+def run(base: Any, options: Options) -> dict[str, Any]:
+    """Every cell of `options` on the pretraining config `base`: figures per cell, finish_on_device, ratios."""
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (their defaults here)
         flags.FLAGS.mark_as_parsed()
-
-    base = load_config(args.config)
     load_before = os.getloadavg()[0]
     result: dict[str, Any] = {"machine": machine_info(), "cells": [], "finish_on_device": [], "torchvision": None}
     print(f"machine: {result['machine']}")
-    tv_python = args.torchvision_python
+    tv_python = options.torchvision_python
     if not tv_python:
         result["torchvision"] = "skipped: no --torchvision_python"
     elif not os.access(tv_python, os.X_OK):
@@ -434,42 +379,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tv_python = None
     with tempfile.TemporaryDirectory(prefix="loader_bench_") as tmp_name:
         tmp = pathlib.Path(tmp_name)
-        if args.dataset:
-            dataset = args.dataset
-        else:
-            t0 = time.perf_counter()
-            dataset = os.fspath(build_kermany(tmp / "shards", args.prep_size))
-            print(f"built the Kermany dataset (shorter side {args.prep_size}) in {time.perf_counter() - t0:.1f} s")
-        result["data"] = {"dataset": dataset, **export_pngs(dataset, args.split, tmp / "png", args.export_limit)}
+        result["data"] = _data(options, tmp)
         print(f"data: {result['data']}")
-        for size in args.size_list:
-            cfgs = {mode: bench_config(base, size, mode, args, dataset) for mode in ("device", "host")}
-            for workers in args.worker_list:
-                for mode, cfg in cfgs.items():
-                    keep: list | None = [] if mode == "device" and workers == 0 else None
-                    result["cells"].append(ours_cell(cfg, workers, args, keep))
-                    print(_cell_line(result["cells"][-1]))
-                    if keep:
-                        fod = time_finish_on_device(cfg, keep[0], args.device_repeats)
-                        result["finish_on_device"].append(fod)
-                        print(
-                            f"{fod['size']} jit(finish_on_device) on {fod['device']}: {fod['ms_per_image']:.1f}"
-                            f" ms/image (batch {fod['batch_s'] * 1e3:.0f} ms, compile {fod['compile_s']:.1f} s)"
-                        )
-            if tv_python:
-                try:
-                    tv = run_torchvision(tv_python, torchvision_spec(cfgs["device"], args, tmp / "png"), tmp)
-                except (RuntimeError, OSError) as e:
-                    print(f"torchvision side failed: {e}")
-                    result["torchvision"] = f"skipped: the torchvision side failed: {str(e).strip().splitlines()[-1]}"
-                    tv_python = None
-                    continue
-                result["torchvision"] = tv["versions"]
-                result["cells"].extend(tv["cells"])
-                for cell in tv["cells"]:
-                    print(_cell_line(cell))
+        for size in options.crop_sizes:
+            cfg = _ours_cells(base, size, result["data"]["dataset"], options, result)
+            if not tv_python:
+                continue
+            try:
+                tv = run_torchvision(tv_python, torchvision_spec(cfg, options, tmp / "png"), tmp)
+            except (RuntimeError, OSError) as e:
+                print(f"torchvision side failed: {e}")
+                result["torchvision"] = f"skipped: the torchvision side failed: {str(e).strip().splitlines()[-1]}"
+                tv_python = None
+                continue
+            result["torchvision"] = tv["versions"]
+            result["cells"].extend(tv["cells"])
+            for cell in tv["cells"]:
+                print(_cell_line(cell))
     add_ratios(result["cells"])
     result["load_average"] = [load_before, os.getloadavg()[0]]
+    return result
+
+
+def print_report(result: dict[str, Any]) -> None:
     print()
     print(format_table(result))
     for fod in result["finish_on_device"]:
@@ -481,11 +413,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"torchvision side: {result['torchvision']}")
     else:
         print(f"torchvision comparison {result['torchvision']}")
-    print(f"1-minute load average: {load_before:.2f} before, {result['load_average'][1]:.2f} after")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
-    return result
+    load = result["load_average"]
+    print(f"1-minute load average: {load[0]:.2f} before, {load[1]:.2f} after")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The program's flags, defined only when it runs as a program (importing the module claims no flag names)."""
+    d = Options()
+    fv = {"flag_values": flag_values}
+    help_config = "Pretraining config file (default configs/pretrain/vitl16_512.py); --config.a.b=value overrides."
+    config_flags.DEFINE_config_file("config", None, help_config, lock_config=True, **fv)
+    flags.DEFINE_string("crop_sizes", "512/144,224/96", "GLOBAL/LOCAL crop sizes, comma-separated, or 'config'.", **fv)
+    flags.DEFINE_integer("images", d.images, "Images per timed window.", lower_bound=1, **fv)
+    flags.DEFINE_integer("repeats", d.repeats, "Timed windows per cell (median, best).", lower_bound=1, **fv)
+    flags.DEFINE_list("workers", [str(w) for w in d.workers], "Worker counts (0: in the main process).", **fv)
+    flags.DEFINE_integer("batch_size", d.batch_size, "Images per batch (official per-GPU at 512).", lower_bound=1, **fv)
+    flags.DEFINE_integer("read_threads", d.read_threads, "grain threads per process (data.read_threads).", **fv)
+    flags.DEFINE_integer("read_buffer", d.read_buffer, "grain prefetch buffer per process, in batches.", **fv)
+    flags.DEFINE_string("dataset", None, "A built data_prep dataset (<output>/<name>/<version>).", **fv)
+    flags.DEFINE_string("split", d.split, "Split of the dataset.", **fv)
+    flags.DEFINE_integer("prep_size", d.prep_size, "Shorter side of the bundled Kermany build.", **fv)
+    flags.DEFINE_integer("export_limit", d.export_limit, "Records written as PNGs for torchvision.", **fv)
+    flags.DEFINE_string("torchvision_python", None, "Python of a virtualenv with torch + torchvision.", **fv)
+    flags.DEFINE_integer("device_repeats", d.device_repeats, "Timed calls of jit(finish_on_device).", **fv)
+    flags.DEFINE_string("out", None, "Also write the results to this JSON file.", **fv)
+    flags.DEFINE_integer("seed", d.seed, "Sampler seed of the torchvision side.", **fv)
+
+
+def options_from_flags(fv: flags.FlagValues = flags.FLAGS) -> Options:
+    try:
+        return Options(
+            crop_sizes=tuple(parse_crop_sizes(fv.crop_sizes)),
+            images=fv.images,
+            repeats=fv.repeats,
+            workers=tuple(int(w) for w in fv.workers),
+            batch_size=fv.batch_size,
+            read_threads=fv.read_threads,
+            read_buffer=fv.read_buffer,
+            dataset=fv.dataset,
+            split=fv.split,
+            prep_size=fv.prep_size,
+            export_limit=fv.export_limit,
+            torchvision_python=fv.torchvision_python,
+            device_repeats=fv.device_repeats,
+            seed=fv.seed,
+        )
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    result = run(flags.FLAGS.config, options_from_flags())
+    print_report(result)
+    if flags.FLAGS.out:
+        pathlib.Path(flags.FLAGS.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    sys.argv = command_line.prepare(sys.argv, RENAMED, DEFAULT_CONFIG)
+    cli.run(main)

@@ -1,5 +1,10 @@
 """The torchvision side of bench.loader_throughput: DINOv2's augmentation and collate in a torch DataLoader, a file of
-its own because another interpreter (--torchvision_python, with torch but not this project's packages) runs it."""
+its own because another interpreter (--torchvision_python, with torch but not this project's packages) runs it.
+
+    <python> bench/loader_torchvision.py OUT_JSON < SPEC_JSON
+
+The spec (bench.loader_throughput.torchvision_spec) comes on stdin and the figures go to OUT_JSON: no flags,
+so the other interpreter needs neither absl nor a command line kept in step with the bench's."""
 
 from __future__ import annotations
 
@@ -14,9 +19,9 @@ import time
 from typing import Any
 
 if __package__:
-    from bench.loader_throughput import measure, plan, summarize
+    from bench.cpu_timing import measure, plan, summarize
 else:  # run as a script by the other interpreter: bench/ is on sys.path, the repository root need not be
-    from loader_throughput import measure, plan, summarize
+    from cpu_timing import measure, plan, summarize
 
 MASK_OUT_KEYS = ("masks", "mask_indices", "mask_weights", "mask_valid")
 
@@ -168,8 +173,13 @@ def torchvision_child(spec: dict[str, Any]) -> dict[str, Any]:
     return {"versions": versions, "cells": cells}
 
 
+def child_main(argv: list[str], stdin: Any) -> None:
+    """OUT_JSON <- the figures of the spec read from stdin."""
+    if len(argv) != 2 or argv[1].startswith("-"):
+        sys.exit(f"usage: {argv[0]} OUT_JSON < SPEC_JSON (run by bench/loader_throughput.py)")
+    spec = json.load(stdin)
+    pathlib.Path(argv[1]).write_text(json.dumps(torchvision_child(spec)))
+
+
 if __name__ == "__main__":
-    # bench/loader_throughput.py runs: <python> bench/loader_torchvision.py --torchvision_child SPEC_JSON OUT_JSON
-    if len(sys.argv) != 4 or sys.argv[1] != "--torchvision_child":
-        sys.exit(f"usage: {sys.argv[0]} --torchvision_child SPEC_JSON OUT_JSON (run by bench/loader_throughput.py)")
-    pathlib.Path(sys.argv[3]).write_text(json.dumps(torchvision_child(json.loads(sys.argv[2]))))
+    child_main(sys.argv, sys.stdin)

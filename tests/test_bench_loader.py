@@ -1,20 +1,25 @@
-"""bench/loader_throughput.py: a smoke run of main on the tiny config (no torchvision), and its helpers."""
+"""bench/loader_throughput.py: a smoke run on the tiny config (no torchvision), its helpers, and the torchvision
+side's command line in an interpreter without absl or jax."""
 
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
+from bench import cpu_timing
 from bench import loader_throughput as lt
+from configs.pretrain import tiny_cpu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "configs", "pretrain", "tiny_cpu.py")
 
 
-def test_main_on_the_tiny_config_without_torchvision(tmp_path, capsys):
-    out = tmp_path / "result.json"
-    argv = [f"--config={TINY}", "--sizes=config", "--workers=0", "--images=8", "--batch=2", "--repeats=2"]
-    result = lt.main([*argv, "--prep_size=96", "--device_repeats=1", f"--json={out}"])
+def test_run_on_the_tiny_config_without_torchvision(capsys):
+    options = lt.Options(crop_sizes=(None,), workers=(0,), images=8, batch_size=2, repeats=2)
+    result = lt.run(tiny_cpu.get_config(), dataclasses.replace(options, prep_size=96, device_repeats=1))
+    lt.print_report(result)
 
     assert result["torchvision"] == "skipped: no --torchvision_python"
     assert result["data"]["records"] == result["data"]["exported"] == 24
@@ -30,29 +35,42 @@ def test_main_on_the_tiny_config_without_torchvision(tmp_path, capsys):
         assert cell["ratio_per_core"] is None and cell["ratio_images_per_s"] is None
     (fod,) = result["finish_on_device"]
     assert fod["size"] == "64/32" and fod["ms_per_image"] > 0
-    assert json.loads(out.read_text())["cells"][0]["impl"] == "ours-device"
+    assert json.loads(json.dumps(result))["cells"][0]["impl"] == "ours-device"  # what --out writes
 
     printed = capsys.readouterr().out
     assert "| 64/32 | ours-device | 0 |" in printed and "| 64/32 | ours-host | 0 |" in printed
     assert "torchvision comparison skipped" in printed
 
 
-def test_parse_sizes():
-    assert lt.parse_sizes("512/144,224/96") == [(512, 144), (224, 96)]
-    assert lt.parse_sizes("config") == [None]
+def test_parse_crop_sizes():
+    assert lt.parse_crop_sizes("512/144,224/96") == [(512, 144), (224, 96)]
+    assert lt.parse_crop_sizes("config") == [None]
     for bad in ("512", "512x144", "0/96", "a/b"):
-        with pytest.raises(ValueError, match="--sizes"):
-            lt.parse_sizes(bad)
+        with pytest.raises(ValueError, match="--crop_sizes"):
+            lt.parse_crop_sizes(bad)
+    with pytest.raises(ValueError, match="--workers"):
+        lt.Options(workers=(-1,))
 
 
 def test_plan_windows_are_whole_rounds_over_the_workers():
-    assert lt.plan(30, 10, 0) == (1, 3)
-    assert lt.plan(30, 10, 2) == (4, 4)
-    assert lt.plan(1, 10, 0) == (1, 1)
+    assert cpu_timing.plan(30, 10, 0) == (1, 3)
+    assert cpu_timing.plan(30, 10, 2) == (4, 4)
+    assert cpu_timing.plan(1, 10, 0) == (1, 1)
 
 
 def test_tree_cpu_counts_this_process():
-    before = lt.tree_cpu()
+    before = cpu_timing.tree_cpu()
     sum(i * i for i in range(300_000))
-    after = lt.tree_cpu()
-    assert os.getpid() in after and lt.cpu_between(before, after) >= 0
+    after = cpu_timing.tree_cpu()
+    assert os.getpid() in after and cpu_timing.cpu_between(before, after) >= 0
+
+
+def test_torchvision_side_needs_neither_absl_nor_jax(tmp_path):
+    """The other interpreter runs the file as a script (bench/ on sys.path, no project packages); without OUT_JSON
+    it stops with its usage line, after importing everything it imports before torch."""
+    blocked = "import sys; sys.modules.update(absl=None, jax=None, ml_collections=None, chexfound_jax=None, bench=None)"
+    script = os.path.join(REPO, "bench", "loader_torchvision.py")
+    code = f"{blocked}; sys.path.insert(0, {os.path.dirname(script)!r}); sys.argv = [{script!r}]; "
+    code += f"import runpy; runpy.run_path({script!r}, run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "usage:" in proc.stderr and "OUT_JSON < SPEC_JSON" in proc.stderr, proc.stderr
