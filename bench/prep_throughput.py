@@ -145,10 +145,10 @@ def floor(path: pathlib.Path) -> np.ndarray:
     return decode_dicom.read_dicom(path).pixel_array
 
 
-def full(path: pathlib.Path, size: int, dtype: str, compress_level: int) -> bytes:
+def full(path: pathlib.Path, size: int, dtype: str, png_compression: records.PngCompression) -> bytes:
     """The pipeline's per-item transform: convert_file + encode_record."""
     image, meta = decode.convert_file(path, size=size, dtype=dtype)
-    return records.encode_record(record_example(image, meta), compress_level=compress_level)
+    return records.encode_record(record_example(image, meta), png_compression=png_compression)
 
 
 class _Clock:
@@ -162,7 +162,9 @@ class _Clock:
         self.times[stage] += time.perf_counter() - t0
 
 
-def staged(path: pathlib.Path, size: int, dtype: str, compress_level: int) -> tuple[dict[str, float], np.ndarray]:
+def staged(
+    path: pathlib.Path, size: int, dtype: str, png_compression: records.PngCompression
+) -> tuple[dict[str, float], np.ndarray]:
     """convert_file + encode_record step by step with default gates: (seconds per stage, output image)."""
     clock, name = _Clock(), os.fspath(path)
     if decode._is_image_file(path):
@@ -195,7 +197,7 @@ def staged(path: pathlib.Path, size: int, dtype: str, compress_level: int) -> tu
         meta |= {"source_pixel_sha256": quality.pixel_sha256(source), "pixel_sha256": quality.pixel_sha256(image)}
         meta |= {"phash": f"{quality.perceptual_hash(image):016x}"}
     with clock("png"):
-        png = records.encode_png(image, compress_level)
+        png = records.encode_png(image, png_compression)
     with clock("serialize"):
         records.serialize_record(records.normalize_record(record_example(image, meta)), png)
     return clock.times, image
@@ -207,10 +209,12 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def measure(path: pathlib.Path, size: int, dtype: str, compress_level: int, repeats: int) -> dict[str, Any]:
+def measure(
+    path: pathlib.Path, size: int, dtype: str, png_compression: records.PngCompression, repeats: int
+) -> dict[str, Any]:
     """Floor, full and staged times of one file (seconds, every sample), after one untimed warm-up."""
     image, meta = decode.convert_file(path, size=size, dtype=dtype)  # warm-up; raises Rejected
-    stage_times, staged_image = staged(path, size, dtype, compress_level)
+    stage_times, staged_image = staged(path, size, dtype, png_compression)
     if not np.array_equal(image, staged_image):
         raise AssertionError(f"{path}: the staged transform differs from convert_file; update staged()")
     floor(path)
@@ -218,8 +222,8 @@ def measure(path: pathlib.Path, size: int, dtype: str, compress_level: int, repe
     for _ in range(repeats):  # interleaved, so that load changes hit all three alike
         gc.collect()
         floors.append(_timed(lambda: floor(path)))
-        fulls.append(_timed(lambda: full(path, size, dtype, compress_level)))
-        stage_times, _ = staged(path, size, dtype, compress_level)
+        fulls.append(_timed(lambda: full(path, size, dtype, png_compression)))
+        stage_times, _ = staged(path, size, dtype, png_compression)
         for s in STAGES:
             stages[s].append(stage_times[s])
     return {
@@ -259,14 +263,19 @@ def machine() -> dict[str, Any]:
 
 
 def run(
-    inputs: Sequence[tuple[str, pathlib.Path]], *, size: int, dtype: str, compress_level: int, repeats: int
+    inputs: Sequence[tuple[str, pathlib.Path]],
+    *,
+    size: int,
+    dtype: str,
+    png_compression: records.PngCompression,
+    repeats: int,
 ) -> dict[str, Any]:
     """Figures for [(category, path)]; files the default gates reject are listed under `rejected`."""
     load_before = os.getloadavg()[0]
     files, rejected = {}, {}
     for cat, path in inputs:
         try:
-            files[os.fspath(path)] = {"category": cat} | measure(path, size, dtype, compress_level, repeats)
+            files[os.fspath(path)] = {"category": cat} | measure(path, size, dtype, png_compression, repeats)
         except decode.Rejected as e:
             rejected[os.fspath(path)] = e.reason
     categories = {}
@@ -274,7 +283,7 @@ def run(
         categories[cat] = summarise([f for f in files.values() if f["category"] == cat])
     return {
         "machine": machine(),
-        "settings": {"size": size, "dtype": dtype, "compress_level": compress_level, "repeats": repeats},
+        "settings": {"size": size, "dtype": dtype, "png_compression": png_compression, "repeats": repeats},
         "load_average": [load_before, os.getloadavg()[0]],
         "categories": categories,
         "files": files,
@@ -286,7 +295,7 @@ def report(result: dict[str, Any]) -> str:
     m, st = result["machine"], result["settings"]
     lines = [
         f"CPU {m['cpu']!r}, {m['cores']} cores, threads {m['threads']}; numpy {m['numpy']}, Pillow {m['pillow']},"
-        f" pydicom {m['pydicom']}; size {st['size']} {st['dtype']}, compress_level {st['compress_level']},"
+        f" pydicom {m['pydicom']}; size {st['size']} {st['dtype']}, png {st['png_compression']},"
         f" best of {st['repeats']}; load average {result['load_average'][0]:.2f} -> {result['load_average'][1]:.2f}",
         "",
         "| category | files | floor img/s | full img/s | ratio | floor ms | full ms (best / median) |",
@@ -329,13 +338,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5, help="Timed runs per file (best and median reported).")
     parser.add_argument("--size", type=int, default=512, help="Output shorter side.")
     parser.add_argument("--dtype", default="uint8", choices=("uint8", "uint16"), help="Output image dtype.")
-    parser.add_argument("--compress_level", type=int, default=6, help="PNG level (the pipeline's default is 6).")
+    parser.add_argument("--png_compression", default="deflate", choices=records.PNG_COMPRESSIONS, help="PNG encoding.")
     parser.add_argument("--json", default=None, help="Write every figure and sample to this JSON file.")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="prep_bench_") as tmp:
         inputs = [] if args.no_defaults else default_inputs(pathlib.Path(tmp))
         inputs += [(category(p), pathlib.Path(p)) for p in args.inputs]
-        result = run(inputs, size=args.size, dtype=args.dtype, compress_level=args.compress_level, repeats=args.repeats)
+        result = run(
+            inputs, size=args.size, dtype=args.dtype, png_compression=args.png_compression, repeats=args.repeats
+        )
     print(report(result))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1))

@@ -19,7 +19,7 @@ from typing import Any
 
 from absl import app, flags
 
-from data_prep import quality, retired_flags, stages
+from data_prep import quality, records, retired_flags, stages
 from data_prep.sources import SOURCES, get_source
 
 
@@ -85,7 +85,15 @@ def define_flags() -> None:
     flags.DEFINE_integer(
         "near_duplicate_bits", quality.NEAR_DUPLICATE_BITS, "Perceptual-hash Hamming distance still called a duplicate."
     )
-    flags.DEFINE_integer("compress_level", 6, "PNG zlib level of the stored images (0-9).")
+    flags.DEFINE_enum(
+        "png_compression",
+        "deflate",
+        list(records.PNG_COMPRESSIONS),
+        "PNG of the stored images: deflate (compressed), or stored (uncompressed: faster, larger).",
+    )
+    retired_flags.define_renamed(
+        "compress_level", "png_compression", "was replaced by --png_compression=deflate|stored"
+    )
     flags.DEFINE_list("dedup_against", [], "Datasets built before this one (their hashes.csv).")
     flags.DEFINE_multi_string(
         "source_option", [], "Adapter option KEY=VALUE (VALUE parsed as JSON when it is JSON), e.g. csv=labels.csv."
@@ -107,7 +115,7 @@ def main(argv: Sequence[str]) -> None:
         chest_only=flags.FLAGS.chest_only,
         min_size=flags.FLAGS.min_size,
         noise_threshold=flags.FLAGS.noise_threshold,
-        compress_level=flags.FLAGS.compress_level,
+        png_compression=flags.FLAGS.png_compression,
         deduplicate=flags.FLAGS.dedup,
         near_duplicate_bits=flags.FLAGS.near_duplicate_bits,
         records_per_shard=flags.FLAGS.records_per_shard,

@@ -13,7 +13,7 @@ import io
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -38,6 +38,8 @@ INT_FIELDS = ("bits_stored", "original_height", "original_width")
 FLOAT_FIELDS = ("pixel_spacing", "labels")
 RECORD_KEYS = ("image", *TEXT_FIELDS, *INT_FIELDS, *FLOAT_FIELDS)
 _INT32 = np.iinfo(np.int32)
+PngCompression = Literal["deflate", "stored"]
+PNG_COMPRESSIONS: tuple[PngCompression, ...] = ("deflate", "stored")
 # Pillow's PNG modes for the two stored depths.
 _PNG_MODE_DTYPE = {"L": np.dtype(np.uint8), "I;16": np.dtype(np.uint16)}
 
@@ -89,7 +91,7 @@ def pixel_sha256(image: Any) -> str:
     return quality.pixel_sha256(_as_image(image))
 
 
-def encode_png(image: Any, compress_level: int = 6) -> bytes:
+def encode_png(image: Any, compression: PngCompression = "deflate") -> bytes:
     """Lossless single-channel PNG (8- or 16-bit, following the dtype).
 
     Written here rather than by Pillow, for speed (docs/benchmarks.md, "Data preparation
@@ -99,15 +101,22 @@ def encode_png(image: Any, compress_level: int = 6) -> bytes:
     on the 512 px outputs of the test radiographs this was as small as Pillow's adaptive filter with
     Z_RLE and, against Pillow's default (zlib level 6), 5% smaller and about 6 times faster for 8-bit
     images, 2% larger and about 3 times faster for 16-bit ones; unlike Huffman-only coding it still packs
-    flat borders and backgrounds. Z_RLE does not depend on the level: 1-9 give the same bytes, 0
-    stores the rows uncompressed. Any PNG decoder reads the result (`decode_png`: Pillow).
+    flat borders and backgrounds. Z_RLE does not depend on the zlib level (1-9 give the same bytes), so
+    the only choice is `compression`: "deflate" (Paeth + Z_RLE) or "stored" (unfiltered rows in zlib's
+    stored blocks, level 0: no compression, for when encode time matters more than disk). Any PNG
+    decoder reads the result (`decode_png`: Pillow).
     """
+    if compression not in PNG_COMPRESSIONS:
+        raise ValueError(f"PNG compression must be one of {PNG_COMPRESSIONS}, got {compression!r}")
     arr = _as_image(image)
     height, width = arr.shape
     depth = 8 * arr.itemsize
     rows = arr.astype(">u2").view(np.uint8).reshape(height, -1) if depth == 16 else arr
-    deflate = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    idat = deflate.compress(_paeth_rows(rows, arr.itemsize)) + deflate.flush()
+    if compression == "stored":  # filter type 0 (None) before each row: filtering only helps deflate
+        idat = zlib.compress(np.pad(rows, ((0, 0), (1, 0))).tobytes(), 0)
+    else:
+        deflate = zlib.compressobj(6, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+        idat = deflate.compress(_paeth_rows(rows, arr.itemsize)) + deflate.flush()
     ihdr = struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0)  # grayscale, no interlace
     return b"".join((_PNG_SIGNATURE, _png_chunk(b"IHDR", ihdr), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b"")))
 
@@ -192,14 +201,14 @@ def _serializer() -> example_serializer.ExampleSerializer:
     return example_serializer.ExampleSerializer(record_features().get_serialized_info())
 
 
-def encode_record(example: Mapping[str, Any], *, compress_level: int = 6) -> bytes:
+def encode_record(example: Mapping[str, Any], *, png_compression: PngCompression = "deflate") -> bytes:
     """Serialized tf.train.Example of one record (see `normalize_record` for what is accepted).
 
     The proto is serialized deterministically (sorted map keys), so equal records give equal bytes and
     rewritten shards are byte-identical.
     """
     rec = normalize_record(example)
-    return serialize_record(rec, encode_png(rec["image"], compress_level))
+    return serialize_record(rec, encode_png(rec["image"], png_compression))
 
 
 def serialize_record(rec: Mapping[str, Any], png: bytes) -> bytes:

@@ -59,7 +59,7 @@ class PrepOptions:
     chest_only: bool = True
     min_size: int = quality.MIN_SIZE
     noise_threshold: float = quality.NOISE_CORRELATION
-    compress_level: int = 6
+    png_compression: records.PngCompression = "deflate"
     deduplicate: bool = True
     near_duplicate_bits: int = quality.NEAR_DUPLICATE_BITS
     records_per_shard: int = 1024
@@ -69,6 +69,8 @@ class PrepOptions:
             raise ValueError(f"dtype must be uint8 or uint16, got {self.dtype!r}")
         if self.file_format not in writers.FILE_FORMATS:
             raise ValueError(f"file_format must be one of {writers.FILE_FORMATS}, got {self.file_format!r}")
+        if self.png_compression not in records.PNG_COMPRESSIONS:
+            raise ValueError(f"png_compression must be one of {records.PNG_COMPRESSIONS}, got {self.png_compression!r}")
         if self.size < 1 or self.records_per_shard < 1:
             raise ValueError(f"size and records_per_shard must be >= 1, got {self.size}, {self.records_per_shard}")
         if self.allowed_modalities is not None:
@@ -188,7 +190,7 @@ def prepare_item(index: int, item: SourceItem, options: PrepOptions) -> ItemResu
             image, meta = decode.convert_file(
                 local, size=options.size, dtype=options.dtype, source=item.source, **options.gates()
             )
-        record = records.encode_record(record_example(item, image, meta), compress_level=options.compress_level)
+        record = records.encode_record(record_example(item, image, meta), png_compression=options.png_compression)
     except decode.Rejected as e:  # messages name the file as the release does, not a machine's path
         detail = e.message.removeprefix(f"{local}: ")
         return ItemResult(**base, reason=e.reason, message=f"{item.relpath}: {detail}")

@@ -186,9 +186,7 @@ def test_png_writer_round_trips(dtype, shape):
     rng = np.random.default_rng(1)
     top = np.iinfo(dtype).max
     for image in (rng.integers(0, top, shape, endpoint=True).astype(dtype), np.full(shape, top, dtype)):
-        encoded = [records.encode_png(image, level) for level in range(10)]
-        assert len(set(encoded[1:])) == 1  # Z_RLE: the same bytes at every level
-        for data in (encoded[0], encoded[6]):
+        for data in (records.encode_png(image, "stored"), records.encode_png(image)):
             with Image.open(io.BytesIO(data)) as im:
                 im.verify()
             back = records.decode_png(data)

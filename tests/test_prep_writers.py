@@ -14,11 +14,12 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
-from data_prep import quality, records, writers
+from data_prep import decode, quality, records, stages, writers
 
 NAME = "prep_writers_test"  # not a registered tfds name, so tfds reads it from data_dir
 LABELS = ["Atelectasis", "Cardiomegaly", "Effusion"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RADIOGRAPH = os.path.join(REPO, "tests", "data", "images", "cxr_png_gray8_512_nih_cxr14_00000001_000.png")
 
 
 def make_example(i: int, dtype=np.uint8) -> dict:
@@ -130,6 +131,21 @@ def test_uint16_with_small_values_stays_16_bit():
     got = records.decode_record(records.encode_record(ex))
     assert got["image"].dtype == np.uint16
     assert_same(got, ex)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_stored_png_is_uncompressed_and_holds_the_same_pixels(dtype):
+    """png_compression="stored" writes the rows as they are, larger than "deflate", with the same pixels."""
+    image, _ = decode.convert_file(RADIOGRAPH, size=128, dtype=np.dtype(dtype).name)
+    ex = {**make_example(0, dtype), "image": image}
+    stored, deflated = (records.encode_record(ex, png_compression=c) for c in ("stored", "deflate"))
+    raw = image.nbytes + image.shape[0]  # the pixels plus one filter byte per row
+    assert len(deflated) < raw < len(stored)
+    assert raw < len(records.encode_png(image, "stored")) < raw + 100  # PNG and zlib framing only
+    for data in (stored, deflated):
+        assert_same(records.decode_record(data), ex)
+    with pytest.raises(ValueError, match="png_compression"):
+        stages.PrepOptions(png_compression="fast")
 
 
 def test_record_accepts_hwc_and_none_and_checks_input():
