@@ -17,6 +17,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="chexfound-jax-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
+import importlib.util
 import pathlib
 
 import pytest
@@ -30,3 +31,14 @@ DATA = pathlib.Path(__file__).parent / "data"
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
     return DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """`torch`-marked tests skip, with the reason, where PyTorch (an optional extra) is not installed; where it
+    is, they import it themselves and any import error fails them."""
+    if importlib.util.find_spec("torch") is not None:
+        return
+    skip = pytest.mark.skip(reason="needs PyTorch, which is not installed (the [torch] extra)")
+    for item in items:
+        if item.get_closest_marker("torch"):
+            item.add_marker(skip)

@@ -377,7 +377,8 @@ def test_host_fast_path_equals_the_array_generic_code():
 
 def _torch_blur(img: np.ndarray, sigma: float, quantize: bool) -> np.ndarray:
     """torchvision's tensor gaussian_blur: 2-D kernel, reflect padding, conv2d; uint8 output rounded."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     fn = torch.nn.functional
     k = 9
     x = torch.linspace(-(k - 1) * 0.5, (k - 1) * 0.5, steps=k)
@@ -391,7 +392,8 @@ def _torch_blur(img: np.ndarray, sigma: float, quantize: bool) -> np.ndarray:
 
 @pytest.mark.torch
 def test_blur_of_an_impulse_is_the_torchvision_kernel():
-    torch = pytest.importorskip("torch")
+    import torch
+
     img = np.zeros((21, 23), np.float32)
     img[10, 11] = 1.0
     for sigma in (0.1, 0.7, 2.0):

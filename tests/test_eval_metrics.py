@@ -8,10 +8,9 @@ import warnings
 
 import numpy as np
 import pytest
+import sklearn.metrics as skm
 
 from chexfound_jax.eval import metrics
-
-skm = pytest.importorskip("sklearn.metrics")
 
 
 def _random_case(rng: np.random.Generator, n: int, prevalence: float, ties: bool) -> tuple[np.ndarray, np.ndarray]:
