@@ -8,8 +8,12 @@ A file may hold one report or a --max_batch search ({"reports": [...]}, one row 
 from __future__ import annotations
 
 import json
-import sys
+import pathlib
 from typing import Any
+
+from absl import app
+
+from chexfound_jax import cli
 
 GIB = 1024**3
 HEADER = (
@@ -35,13 +39,16 @@ def row(r: dict[str, Any]) -> str:
     )
 
 
-def main(paths: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    """Positional arguments only (absl's app, as every program here): the report files."""
+    if len(argv) < 2:
+        raise app.UsageError("give one or more compile_check JSON files")
     print(HEADER)
-    for path in paths:
-        data = json.load(open(path))
+    for path in argv[1:]:
+        data = json.loads(pathlib.Path(path).read_text())
         for report in data.get("reports", [data]):
             print(row(report))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import pathlib
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -37,8 +38,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from bench import timing
-from chexfound_jax import hardware
+from bench import command_line, timing
+from chexfound_jax import cli, hardware
 from chexfound_jax.compile_check import compile_abstract, memory_figures
 from chexfound_jax.data.collate import synthetic_batch
 from chexfound_jax.models.vit import count_params
@@ -46,22 +47,28 @@ from chexfound_jax.parallel import mesh as mesh_lib
 from chexfound_jax.train import flops as flops_lib
 from chexfound_jax.train.setup import Training, build_training
 
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.py"
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_DEFAULT_CONFIG), "Pretraining config file; override fields with --config.a.b=value."
-)
-_MESH = flags.DEFINE_string("mesh", None, "Mesh axes, e.g. 'data=-1' or 'data=2,fsdp=4'; default the config's.")
-_RULES = flags.DEFINE_string("rules", None, "Sharding rule table (data_parallel, fsdp); default the config's.")
-_ATTN = flags.DEFINE_enum(
-    "attention_impl",
-    None,
-    ["xla", "cudnn", "splash", "auto"],
-    "Shortcut for --config.model.attention_impl; default the config's.",
-)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-_PEAK = flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for MFU; default by device kind.")
-_MEMORY_ONLY = flags.DEFINE_bool("memory_only", False, "Compile for abstract inputs and print memory; no run.")
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.py"
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The program's flags, defined only when it runs as a program (importing the module claims no flag names)."""
+    fv = {"flag_values": flag_values}
+    help_config = "Pretraining config file (default configs/pretrain/tiny_cpu.py); --config.a.b=value overrides."
+    config_flags.DEFINE_config_file("config", None, help_config, lock_config=True, **fv)
+    flags.DEFINE_string("mesh", None, "Mesh axes, e.g. 'data=-1' or 'data=2,fsdp=4'; default the config's.", **fv)
+    flags.DEFINE_string("rules", None, "Sharding rule table (data_parallel, fsdp); default the config's.", **fv)
+    flags.DEFINE_enum(
+        "attention_impl",
+        None,
+        ["xla", "cudnn", "splash", "auto"],
+        "Shortcut for --config.model.attention_impl; default the config's.",
+        **fv,
+    )
+    flags.DEFINE_integer("steps", 10, "Timed steps.", lower_bound=1, **fv)
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.", lower_bound=0, **fv)
+    flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for MFU; default by device kind.", **fv)
+    flags.DEFINE_bool("memory_only", False, "Compile for abstract inputs and print memory; no run.", **fv)
+
 
 GIB = 1024**3
 
@@ -98,16 +105,18 @@ def _summary(cfg: Any, training: Training, mesh_axes: dict[str, int], rules_name
     )
 
 
-def main(argv):
-    del argv
-    cfg = _CONFIG.value
-    if _ATTN.value:
-        cfg.model.attention_impl = _ATTN.value
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    cfg = f.config
+    if f.attention_impl:
+        cfg.model.attention_impl = f.attention_impl
     try:
-        mesh_axes = mesh_lib.parse_mesh(_MESH.value) if _MESH.value else dict(cfg.parallel.mesh)
+        mesh_axes = mesh_lib.parse_mesh(f.mesh) if f.mesh else dict(cfg.parallel.mesh)
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    rules_name = _RULES.value or cfg.parallel.rules
+    rules_name = f.rules or cfg.parallel.rules
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}, {jax.device_count()} device(s) visible)")
     print(f"jax {jax.__version__}")
@@ -115,7 +124,7 @@ def main(argv):
     training = build_training(cfg, mesh_axes, rules_name)
     print(_summary(cfg, training, mesh_axes, rules_name))
     print(f"params: {count_params(training.abstract_state.student) / 1e6:.1f} M (student)")
-    if _MEMORY_ONLY.value:
+    if f.memory_only:
         compiled, compile_s = compile_abstract(training)
         print(f"compile (abstract inputs, nothing allocated): {compile_s:.1f} s")
         _print_memory(memory_figures(compiled))
@@ -135,13 +144,13 @@ def main(argv):
     print(f"compile: {time.perf_counter() - t0:.1f} s")
     _print_memory(memory_figures(compiled))
 
-    state, metrics, times = timing.time_steps(compiled, state, batches, _WARMUP.value, _STEPS.value)
+    state, metrics, times = timing.time_steps(compiled, state, batches, f.warmup, f.steps)
 
     step_s = statistics.median(times)
     groups = training.batch_spec["global_crops"].shape[0]
     flops = flops_lib.train_flops_per_image(cfg, cfg.train.global_batch_size // groups)
     images_per_s = cfg.train.global_batch_size / step_s
-    peak = hardware.peak_flops(device.device_kind, _PEAK.value * 1e12 if _PEAK.value else None)
+    peak = hardware.peak_flops(device.device_kind, f.peak_tflops * 1e12 if f.peak_tflops else None)
     executed, nominal = flops["executed_total"], flops["total"]
     print(
         f"model FLOPs per image (teacher fwd, student fwd + bwd, heads): executed {executed / 1e9:.4g} GFLOP,"
@@ -157,4 +166,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    sys.argv = command_line.prepare(sys.argv, {}, DEFAULT_CONFIG)
+    cli.run(main)

@@ -8,8 +8,8 @@ chexfound_jax.models.flops, the model FLOPs of MFU accounting, not XLA's count. 
 random (chexfound_jax.models.build.init_random); timings do not depend on their values.
 
 Usage, from the repository root (or with the package installed, `python bench/vit_forward.py`):
-    python -m bench.vit_forward --resolution=224 --batch=2 --dtype=float32
-    python -m bench.vit_forward --resolution=512 --batch=32 --dtype=bfloat16 --attention_impl=cudnn
+    python -m bench.vit_forward --image_size=224 --batch_size=2 --dtype=float32
+    python -m bench.vit_forward --image_size=512 --batch_size=32 --dtype=bfloat16 --attention_impl=cudnn
 
 Nothing is asserted: this is a measurement, not a test.
 """
@@ -17,6 +17,7 @@ Nothing is asserted: this is a measurement, not a test.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import jax
@@ -24,56 +25,65 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from bench import timing
+from bench import command_line, timing
+from chexfound_jax import cli
 from chexfound_jax.models.build import init_random
 from chexfound_jax.models.flops import vit_forward_flops
 from chexfound_jax.models.vit import ARCHS, count_params, vit_config
 
-_ARCH = flags.DEFINE_enum("arch", "vit_large", sorted(ARCHS), "Backbone size.")
-_PATCH = flags.DEFINE_integer("patch_size", 16, "Patch size.")
-_IMG = flags.DEFINE_integer("img_size", 512, "Size the stored position embedding is made for.")
-_RES = flags.DEFINE_integer("resolution", None, "Input height = width; default --img_size.")
-_BATCH = flags.DEFINE_integer("batch", 8, "Images per forward call.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).")
-_ATTN = flags.DEFINE_enum(
-    "attention_impl", "none", ["none", "xla", "cudnn"], "jax.nn.dot_product_attention implementation."
-)
-_FFN = flags.DEFINE_enum("ffn_layer", "swiglufused", ["swiglufused", "mlp"], "FFN type.")
-_REGS = flags.DEFINE_integer("num_register_tokens", 4, "Register tokens.")
-_REMAT = flags.DEFINE_bool("remat", False, "Rematerialise each block (no effect on a pure forward's FLOPs).")
-_ITERS = flags.DEFINE_integer("iters", 10, "Timed iterations.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed iterations after compilation.")
-_SEED = flags.DEFINE_integer("seed", 0, "Weight and input seed.")
+RENAMED = {"resolution": "image_size", "img_size": "pos_embed_size", "batch": "batch_size"}  # bench.command_line
 
 
-def main(argv):
-    del argv
-    resolution = _RES.value or _IMG.value
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The program's flags, defined only when it runs as a program (importing the module claims no flag names)."""
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_enum("arch", "vit_large", sorted(ARCHS), "Backbone size.", **fv)
+    flags.DEFINE_integer("patch_size", 16, "Patch size.", **fv)
+    flags.DEFINE_integer("pos_embed_size", 512, "Image size the stored position embedding is made for.", **fv)
+    flags.DEFINE_integer("image_size", None, "Input height = width; default --pos_embed_size.", **fv)
+    flags.DEFINE_integer("batch_size", 8, "Images per forward call.", lower_bound=1, **fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters stay float32).", **fv)
+    flags.DEFINE_enum(
+        "attention_impl", "none", ["none", "xla", "cudnn"], "jax.nn.dot_product_attention implementation.", **fv
+    )
+    flags.DEFINE_enum("ffn_layer", "swiglufused", ["swiglufused", "mlp"], "FFN type.", **fv)
+    flags.DEFINE_integer("num_register_tokens", 4, "Register tokens.", **fv)
+    flags.DEFINE_bool("remat", False, "Rematerialise each block (no effect on a pure forward's FLOPs).", **fv)
+    flags.DEFINE_integer("iters", 10, "Timed iterations.", lower_bound=1, **fv)
+    flags.DEFINE_integer("warmup", 2, "Untimed iterations after compilation.", lower_bound=0, **fv)
+    flags.DEFINE_integer("seed", 0, "Weight and input seed.", **fv)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    image_size, batch_size = f.image_size or f.pos_embed_size, f.batch_size
     cfg = vit_config(
-        _ARCH.value,
-        patch_size=_PATCH.value,
-        img_size=_IMG.value,
-        ffn_layer=_FFN.value,
-        num_register_tokens=_REGS.value,
-        dtype=_DTYPE.value,
-        attention_impl=None if _ATTN.value == "none" else _ATTN.value,
-        remat=_REMAT.value,
+        f.arch,
+        patch_size=f.patch_size,
+        img_size=f.pos_embed_size,
+        ffn_layer=f.ffn_layer,
+        num_register_tokens=f.num_register_tokens,
+        dtype=f.dtype,
+        attention_impl=None if f.attention_impl == "none" else f.attention_impl,
+        remat=f.remat,
     )
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}, {jax.device_count()} device(s), using 1)")
     print(f"jax {jax.__version__}")
     print(
-        f"config: {_ARCH.value}/{cfg.patch_size} reg{cfg.num_register_tokens} {cfg.ffn_layer} (hidden {cfg.hidden_dim})"
-        f" pos-embed {cfg.img_size} input {resolution}x{resolution} batch {_BATCH.value} dtype {cfg.dtype}"
-        f" attention {_ATTN.value} remat {cfg.remat}"
+        f"config: {f.arch}/{cfg.patch_size} reg{cfg.num_register_tokens} {cfg.ffn_layer} (hidden {cfg.hidden_dim})"
+        f" pos-embed {cfg.img_size} input {image_size}x{image_size} batch {batch_size} dtype {cfg.dtype}"
+        f" attention {f.attention_impl} remat {cfg.remat}"
     )
 
     t0 = time.perf_counter()
-    graphdef, state = init_random(cfg, _SEED.value)
+    graphdef, state = init_random(cfg, f.seed)
     params_m = count_params(nnx.to_pure_dict(state)) / 1e6
     print(f"params: {params_m:.1f} M, initialised in {time.perf_counter() - t0:.1f} s")
 
-    x = jax.random.normal(jax.random.key(_SEED.value + 1), (_BATCH.value, resolution, resolution, 3), jnp.float32)
+    x = jax.random.normal(jax.random.key(f.seed + 1), (batch_size, image_size, image_size, 3), jnp.float32)
 
     def forward(state, x):
         return nnx.merge(graphdef, state).forward_features(x)
@@ -83,11 +93,11 @@ def main(argv):
     compile_s = time.perf_counter() - t0
     print(f"compile: {compile_s:.1f} s")
 
-    times = timing.time_calls(compiled, (state, x), _WARMUP.value, _ITERS.value)
+    times = timing.time_calls(compiled, (state, x), f.warmup, f.iters)
 
     step = statistics.median(times)
-    flops = vit_forward_flops(cfg, resolution)
-    images_per_s = _BATCH.value / step
+    flops = vit_forward_flops(cfg, image_size)
+    images_per_s = batch_size / step
     print(f"model FLOPs per image: {flops / 1e9:.1f} GFLOP")
     print(
         f"step time: median {step * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms, max {max(times) * 1e3:.1f} ms"
@@ -98,4 +108,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    define_flags()
+    sys.argv = command_line.prepare(sys.argv, RENAMED)
+    cli.run(main)
