@@ -27,9 +27,10 @@ plus derived files written to a temporary directory: the RG1 chest (J2K lossy, 1
 are 2-3k px, 12-16 bit, larger than the uncompressed test files), and the NIH ChestX-ray14 DICOM's
 pixels as an 8-bit 1024 x 1024 PNG (the format that dataset is distributed in).
 
-Usage, from the repository root:
-    python -m bench.prep_throughput --repeats=5 --json=/tmp/prep.json
-    python -m bench.prep_throughput --inputs tests/data/kermany_pediatric_pneumonia/images/*
+Usage, from the repository root (files given as arguments are measured after the default inputs,
+category by format; --no_defaults measures only them):
+    python -m bench.prep_throughput --repeats=5 --out=/tmp/prep.json
+    python -m bench.prep_throughput --no_defaults tests/data/kermany_pediatric_pneumonia/images/*
 
 Nothing is asserted: this is a measurement, not a test.
 """
@@ -42,13 +43,13 @@ if __name__ == "__main__":  # one thread per process, set before numpy loads BLA
     for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         os.environ[_var] = "1"
 
-import argparse
 import contextlib
 import gc
 import json
 import pathlib
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -57,9 +58,12 @@ from typing import Any
 import numpy as np
 import PIL
 import pydicom
+from absl import app, flags
 from PIL import Image
 from pydicom.uid import UID
 
+from bench import command_line
+from chexfound_jax import cli
 from data_prep import decode, decode_common, decode_dicom, decode_image, quality, records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -83,6 +87,7 @@ STAGES = ("read+decode", "gates", "display", "resize", "hashes", "png", "seriali
 _J2K = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202")
 _J2K += ("1.2.840.10008.1.2.4.203",)
 _JPEG_LS = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
+RENAMED = {"json": "out", "compress_level": "png_compression"}  # old flag -> new (bench.command_line)
 
 
 def category(path: str | os.PathLike) -> str:
@@ -331,27 +336,37 @@ def default_inputs(directory: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
     return sorted(real + derived, key=lambda item: order.index(item[0]) if item[0] in order else len(order))
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--inputs", nargs="*", default=[], help="More DICOM/PNG/JPEG files (category by format).")
-    parser.add_argument("--no_defaults", action="store_true", help="Only the --inputs, not the default files.")
-    parser.add_argument("--repeats", type=int, default=5, help="Timed runs per file (best and median reported).")
-    parser.add_argument("--size", type=int, default=512, help="Output shorter side.")
-    parser.add_argument("--dtype", default="uint8", choices=("uint8", "uint16"), help="Output image dtype.")
-    parser.add_argument("--png_compression", default="deflate", choices=records.PNG_COMPRESSIONS, help="PNG encoding.")
-    parser.add_argument("--json", default=None, help="Write every figure and sample to this JSON file.")
-    args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The program's flags, defined only when it runs as a program (importing the module claims no flag names)."""
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_bool("no_defaults", False, "Measure only the files given as arguments, not the default inputs.", **fv)
+    flags.DEFINE_integer("repeats", 5, "Timed runs per file (best and median reported).", lower_bound=1, **fv)
+    flags.DEFINE_integer("size", 512, "Shorter side of the output image (data_prep.build --size).", lower_bound=1, **fv)
+    flags.DEFINE_enum("dtype", "uint8", ["uint8", "uint16"], "Output pixel type (data_prep.build --dtype).", **fv)
+    compression = list(records.PNG_COMPRESSIONS)
+    flags.DEFINE_enum("png_compression", "deflate", compression, "data_prep.build --png_compression.", **fv)
+    flags.DEFINE_string("out", None, "Also write every figure and sample to this JSON file.", **fv)
+
+
+def bench(files: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> dict[str, Any]:
+    """Measures the default inputs (unless --no_defaults) and `files`; prints the tables, writes --out."""
+    if fv.no_defaults and not files:
+        raise app.UsageError("--no_defaults and no files given: nothing to measure")
     with tempfile.TemporaryDirectory(prefix="prep_bench_") as tmp:
-        inputs = [] if args.no_defaults else default_inputs(pathlib.Path(tmp))
-        inputs += [(category(p), pathlib.Path(p)) for p in args.inputs]
-        result = run(
-            inputs, size=args.size, dtype=args.dtype, png_compression=args.png_compression, repeats=args.repeats
-        )
+        inputs = [] if fv.no_defaults else default_inputs(pathlib.Path(tmp))
+        inputs += [(category(p), pathlib.Path(p)) for p in files]
+        result = run(inputs, size=fv.size, dtype=fv.dtype, png_compression=fv.png_compression, repeats=fv.repeats)
     print(report(result))
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=1))
+    if fv.out:
+        pathlib.Path(fv.out).write_text(json.dumps(result, indent=1))
     return result
 
 
+def main(argv: Sequence[str]) -> None:
+    bench(argv[1:])
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    sys.argv = command_line.prepare(sys.argv, RENAMED)
+    cli.run(main)

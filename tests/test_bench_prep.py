@@ -4,11 +4,15 @@ reference definitions (the computations they replaced, written out here the stra
 from __future__ import annotations
 
 import io
+import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pydicom
 import pytest
+from absl import flags
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
@@ -32,8 +36,13 @@ DECODABLE_DICOM = [p for p in ALL_DICOM if p.name not in UNDECODABLE]
 # ------------------------------------------------------------------------------------------ the bench
 
 
-def test_bench_main_on_small_files(capsys):
-    result = prep_throughput.main(["--no_defaults", "--repeats=1", "--inputs", str(SMALL_DICOM), str(PNG)])
+def test_bench_main_on_small_files(capsys, tmp_path):
+    fv = flags.FlagValues()
+    prep_throughput.define_flags(fv)
+    out = tmp_path / "prep.json"
+    argv = fv(["prep_throughput", "--no_defaults", "--repeats=1", f"--out={out}", str(SMALL_DICOM), str(PNG)])
+    result = prep_throughput.bench(argv[1:], fv)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert set(result["categories"]) == {"uncompressed", "png"}
     assert result["settings"]["repeats"] == 1 and not result["rejected"]
     for c in result["categories"].values():
@@ -45,6 +54,13 @@ def test_bench_main_on_small_files(capsys):
         assert len(f["floor_s"]) == len(f["full_s"]) == 1 and min(f["output_shape"]) == 512
     out = capsys.readouterr().out
     assert "| category | files | floor img/s | full img/s | ratio |" in out and "| uncompressed | 1 |" in out
+
+
+def test_bench_old_flag_names_end_the_program_naming_the_new_ones():
+    cmd = [sys.executable, "-m", "bench.prep_throughput", "--json=prep.json"]
+    result = subprocess.run(cmd, cwd=DATA.parents[1], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip() == "FATAL Flags parsing error: --json was renamed --out"
+    assert prep_throughput.RENAMED["compress_level"] == "png_compression"
 
 
 def test_bench_categories_and_derived_inputs(tmp_path):
