@@ -74,7 +74,13 @@ def define_flags() -> None:
     flags.DEFINE_integer("workers", None, "Local worker processes (default: CPU count; 1 = in process).")
     flags.DEFINE_integer("chunk_size", 64, "Items per local work unit (resume granularity).", lower_bound=1)
     flags.DEFINE_integer("records_per_shard", 1024, "Target records per shard.", lower_bound=1)
-    flags.DEFINE_string("views", "frontal", "'frontal', 'all', or comma-separated view positions (PA,AP,LL).")
+    flags.DEFINE_string(
+        "views",
+        "frontal",
+        "'frontal', 'all', or comma-separated view positions (PA,AP,LL). Views come from the release's metadata;"
+        " the folder source reads each DICOM's header (ViewPosition, else View Code Sequence) and keeps PNG/JPEG"
+        " files, which have no view.",
+    )
     flags.DEFINE_string(
         "modalities", ",".join(quality.DEFAULT_MODALITIES), "Accepted DICOM modalities, comma-separated, or 'all'."
     )

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from etils import epath
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -279,6 +280,34 @@ def _text(ds: Dataset, key: str) -> str | None:
     return (str(value).strip() or None) if value is not None else None
 
 
+# View Code Sequence meanings (DICOM CID 4010), lower case without "-", "_" or spaces -> the ViewPosition code.
+_VIEW_MEANINGS = {"posteroanterior": "PA", "anteroposterior": "AP", "leftlateral": "LL", "rightlateral": "RL"}
+VIEW_TAGS = ("ViewPosition", "ViewCodeSequence")
+
+
+def dicom_view(ds: Dataset) -> str | None:
+    """The view: ViewPosition (PA, AP, LL, RL...), else the View Code Sequence's meaning as a ViewPosition
+    code (any other "lateral" meaning is LATERAL, an unlisted one is kept upper-cased), else None."""
+    if position := _text(ds, "ViewPosition"):
+        return position
+    for code in ds.get("ViewCodeSequence") or ():
+        meaning = str(code.get("CodeMeaning", "") or "").strip()
+        key = "".join(c for c in meaning.lower() if c not in "-_ ")
+        if key:
+            return _VIEW_MEANINGS.get(key) or ("LATERAL" if "lateral" in key else meaning.upper())
+    return None
+
+
+def read_view(path: str | os.PathLike | epath.Path) -> str:
+    """`dicom_view` from the header alone (the pixels are not read); "" when the file does not tell."""
+    try:
+        with epath.Path(path).open("rb") as f:
+            ds = pydicom.dcmread(f, force=True, stop_before_pixels=True, specific_tags=list(VIEW_TAGS))
+        return dicom_view(ds) or ""
+    except Exception:  # unreadable: the view is unknown, and the transform reports the file
+        return ""
+
+
 def _intensity_sign(ds: Dataset) -> int | None:
     sign = ds.get("PixelIntensityRelationshipSign")
     return int(sign) if sign is not None else None
@@ -297,7 +326,7 @@ def dicom_metadata(ds: Dataset, name: str, source: str) -> dict[str, Any]:
         "modality": _text(ds, "Modality"),
         "sop_class": _text(ds, "SOPClassUID"),
         "body_part": _text(ds, "BodyPartExamined"),
-        "view_position": _text(ds, "ViewPosition"),
+        "view_position": dicom_view(ds),
         "photometric": _text(ds, "PhotometricInterpretation"),
         "presentation_lut_shape": _text(ds, "PresentationLUTShape"),
         "intensity_sign": _intensity_sign(ds),

@@ -326,3 +326,40 @@ def test_build_refuses_the_old_flags_naming_the_new_ones(tmp_path):
     assert result.returncode == 1 and "--output was renamed --workdir" in lines
     assert "--compress_level was replaced by --png_compression=deflate|stored" in lines
     assert not any(tmp_path.iterdir())
+
+
+def test_folder_views_come_from_the_dicom_headers(tmp_path):
+    """A frontal build of a folder leaves out its lateral DICOMs and counts them as view-filtered, as a CSV
+    source counts its lateral rows; a PNG has no view and is kept."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    root = tmp_path / "release"
+    root.mkdir()
+    frontal = os.path.join(DATA, "dicom", next(rel for rel, reason in DICOMS.items() if reason is None))  # a PA chest
+    shutil.copy(frontal, root / "a_frontal.dcm")
+    header = pydicom.dcmread(frontal)
+    assert header.ViewPosition == "PA"
+    header.ViewPosition = "LL"
+    header.save_as(root / "b_lateral.dcm")
+    del header.ViewPosition  # the view told by the View Code Sequence alone
+    code = Dataset()
+    code.CodeMeaning = "left lateral"
+    header.ViewCodeSequence = [code]
+    header.save_as(root / "c_lateral_by_code.dcm")
+    shutil.copy(os.path.join(DATA, "images", "cxr_png_gray8_512_nih_cxr14_00000001_000.png"), root / "d_no_view.png")
+
+    info = local_runner.run_local(get_source("folder", root), tmp_path / "out", OPTIONS, workers=1, progress=False)
+    c = info["counts"]
+    assert (c["listed"], c["view_filtered"], c["seen"], c["written"]) == (4, 2, 2, 2) and stages.reconcile(c) == []
+    got = grain_records(ds(tmp_path / "out", "folder"), "train", info["splits"]["train"]["num_shards"])
+    assert [(r["path"], r["view_position"]) for r in got] == [("a_frontal.dcm", "PA"), ("d_no_view.png", "")]
+    assert "lateral" not in (ds(tmp_path / "out", "folder") / "failures.csv").read_text()  # as for CSV sources
+
+    def listing(views):
+        src = get_source("folder", root, views=views)
+        return {i.relpath: i.view_position for i in src.items()}, src.view_filtered
+
+    names = ["a_frontal.dcm", "b_lateral.dcm", "c_lateral_by_code.dcm", "d_no_view.png"]
+    assert listing("all") == (dict.fromkeys(names, ""), 0)  # no filter: no header is read
+    assert listing(["LL"]) == ({"b_lateral.dcm": "LL", "c_lateral_by_code.dcm": "LL", "d_no_view.png": ""}, 1)

@@ -1,8 +1,9 @@
 """What every dataset adapter shares: the listed item, view filtering, missing-file reporting, CSV helpers.
 
 An adapter only lists: it turns a release's metadata CSVs into `SourceItem`s (path, ids, view, official split,
-labels) and never opens an image. Rows whose file is absent on disk are kept aside in `Source.missing` rather
-than yielded, so a partial download is reported and nothing is ever invented to fill it.
+labels) and never decodes an image (the folder source, having no CSV, reads the view from DICOM headers). Rows
+whose file is absent on disk are kept aside in `Source.missing` rather than yielded, so a partial download is
+reported and nothing is ever invented to fill it.
 """
 
 import abc

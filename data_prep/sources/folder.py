@@ -1,8 +1,10 @@
 """A generic source: every image under a folder, or the rows of a CSV naming images under it.
 
 Folder mode (no `csv`): files ending in `extensions` (png, jpg, jpeg, dcm, dicom; case-insensitive) under the
-root, recursively, in sorted order. There is no metadata, so nothing is missing, views are unknown (kept by
-default), and labels are empty.
+root, recursively, in sorted order. There is no metadata, so nothing is missing and labels are empty. A DICOM
+tells its own view (ViewPosition, else its View Code Sequence): under a view filter its header, not its pixels,
+is read while listing, so a lateral DICOM is left out of a frontal build and counted as view-filtered, like a
+lateral row of a CSV source. A PNG/JPEG has no view: it is kept (as is a DICOM whose header names none).
 CSV mode (`csv`, a path, relative paths taken under `metadata`, default the root): one row per image;
 `path_column` holds the image path relative to the root; `label_columns` (in that order) are parsed as
 CheXpert-style cells (1, 0, -1 uncertain, blank NaN); `patient_column`, `study_column`, `view_column` and
@@ -10,12 +12,15 @@ CheXpert-style cells (1, 0, -1 uncertain, blank NaN); `patient_column`, `study_c
 """
 
 from collections.abc import Iterator, Sequence
+from concurrent import futures
 
 from etils import epath
 
 from data_prep.sources.base import Source, SourceItem, clean_relpath, label_vector, read_csv
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+_HEADER_THREADS = 16  # header reads are I/O bound (remote on gs://)
 
 
 class Folder(Source):
@@ -68,10 +73,21 @@ class Folder(Source):
             )
 
     def _walk(self) -> Iterator[SourceItem]:
-        for path in sorted(walk_files(self.root), key=str):
-            if path.name.lower().endswith(self.extensions):
-                relpath = str(path.relative_to(self.root))
-                yield self.item(relpath, image_id=relpath.rsplit(".", 1)[0])
+        paths = [p for p in sorted(walk_files(self.root), key=str) if p.name.lower().endswith(self.extensions)]
+        for path, view in zip(paths, self._header_views(paths), strict=True):
+            relpath = str(path.relative_to(self.root))
+            yield self.item(relpath, image_id=relpath.rsplit(".", 1)[0], view_position=view)
+
+    def _header_views(self, paths: Sequence[epath.Path]) -> list[str]:
+        """Each file's view from its DICOM header; "" for PNG/JPEG, and for all when no view filter needs it."""
+        dicoms = [p for p in paths if p.name.lower().endswith(DICOM_EXTENSIONS)] if self.views is not None else []
+        if not dicoms:
+            return [""] * len(paths)
+        from data_prep import decode_dicom  # pydicom, loaded only by a listing that reads headers
+
+        with futures.ThreadPoolExecutor(min(_HEADER_THREADS, len(dicoms))) as pool:
+            views = dict(zip(dicoms, pool.map(decode_dicom.read_view, dicoms), strict=True))
+        return [views.get(p, "") for p in paths]
 
 
 def walk_files(folder: epath.Path) -> Iterator[epath.Path]:
