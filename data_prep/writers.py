@@ -1,9 +1,9 @@
 """Shard writers: serialized records -> ArrayRecord or TFRecord shards in a TFDS dataset directory.
 
-Layout (what `tfds.builder_from_directory` and `tfds.data_source(name, data_dir=output)` expect):
+Layout (what `tfds.builder_from_directory` and `tfds.data_source(name, data_dir=workdir)` expect):
 
-    <output>/<name>/<version>/<name>-<split>.<array_record|tfrecord>-000NN-of-000MM
-    <output>/<name>/<version>/{dataset_info.json, features.json, metadata.json}
+    <workdir>/<name>/<version>/<name>-<split>.<array_record|tfrecord>-000NN-of-000MM
+    <workdir>/<name>/<version>/{dataset_info.json, features.json, metadata.json}
 
 Shard assignment is round robin: item k of a split goes to shard k % num_shards, in order. Every shard
 can then be written on its own from the split's item list (items[s::num_shards]) without knowing the
@@ -54,13 +54,13 @@ T = TypeVar("T")
 # --- naming and assignment -------------------------------------------------------------------------
 
 
-def dataset_dir(output: epath.PathLike, name: str, version: str = "1.0.0") -> epath.Path:
-    """`<output>/<name>/<version>`: the directory tfds treats as one dataset version."""
+def dataset_dir(workdir: epath.PathLike, name: str, version: str = "1.0.0") -> epath.Path:
+    """`<workdir>/<name>/<version>`: the directory tfds treats as one dataset version."""
     if not _NAME_RE.match(name):
         raise ValueError(f"dataset name must be snake_case ([a-z][a-z0-9_]*), got {name!r}")
     if not tfds.core.Version.is_valid(version):
         raise ValueError(f"version must look like 1.0.0, got {version!r}")
-    return epath.Path(output) / name / version
+    return epath.Path(workdir) / name / version
 
 
 def _template(ds_dir: epath.PathLike, split: str | None = None, file_format: str | None = None):
