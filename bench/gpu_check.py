@@ -1,8 +1,8 @@
 r"""One-process GPU check of the pretraining recipe: fit, step MFU, backbone forward, on-device photometry.
 
-    bash bench/gpu_check.sh [OUT.json]          # on a machine with one H100 / H200 (installs, then runs this)
-    python -m bench.gpu_check --json=OUT.json   # the same, with the package importable
-    python -m bench.gpu_check --smoke --json=OUT.json   # CPU, configs/pretrain/tiny_cpu.py: proves it runs
+    bash bench/gpu_check.sh [OUT.json]         # on a machine with one H100 / H200 (installs, then runs this)
+    python -m bench.gpu_check --out=OUT.json   # the same, with the package importable
+    python -m bench.gpu_check --smoke --out=OUT.json   # CPU, configs/pretrain/tiny_cpu.py: proves it runs
 
 Sections, all in one JSON (rewritten after every section and every timed combination, so a run cut
 short still leaves what it measured) and a short summary on stdout:
@@ -52,7 +52,6 @@ and the first batch that compiles is taken. Nothing is asserted here: this is a 
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import dataclasses
 import json
@@ -66,13 +65,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-_T0 = time.perf_counter()
-# jax preallocates 75% of GPU memory by default; the step at the largest batch wants more of the 80 GB.
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+_T0 = time.perf_counter()  # the budget counts the imports too
 
 import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
 from jax import monitoring  # noqa: E402
 
+from bench import command_line  # noqa: E402
 from bench.gpu_check_forward import vit_forward  # noqa: E402
 from bench.gpu_check_photometry import finish_on_device  # noqa: E402
 from bench.gpu_check_report import TARGET_BATCH, _failed, _gib, error_text, summary, verdicts  # noqa: E402
@@ -82,7 +81,7 @@ from bench.gpu_check_step import (  # noqa: E402
     compile_check_section,
     train_step_section,
 )
-from chexfound_jax import hardware  # noqa: E402
+from chexfound_jax import cli, hardware  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # cudnn:full first: the paper config's own step ("auto" attention is cuDNN on a GPU), which the compile check
@@ -91,6 +90,82 @@ DEFAULT_COMBOS = "cudnn:full,cudnn:dots,xla:dots,xla:full"
 # Smoke: the CPU has no cuDNN (recorded as skipped), then xla with the tiny config's own remat: the step the
 # compile check has just compiled, so the persistent cache serves it and the smoke run stays one step compile.
 SMOKE_COMBOS = "cudnn:dots,xla:<the config's remat>"
+RENAMED = {"json": "out", "batches": "per_device_batches"}  # old flag -> new (bench.command_line)
+Combo = tuple[str, str]  # (attention implementation, remat policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the check runs: the command line, typed, with the mode's defaults filled in (make_options)."""
+
+    out: str | None
+    smoke: bool
+    budget_s: float  # whole-process seconds
+    per_device_batches: tuple[int, ...]  # largest first
+    combos: tuple[Combo, ...] | None  # None: SMOKE_COMBOS, decided once the config is loaded
+    steps: int
+    warmup: int
+    other_remat_batch: int
+    num_devices: int  # 0: all local ones
+    no_compile_cache: bool
+
+    @property
+    def forward_batch(self) -> int:
+        return 2 if self.smoke else 32
+
+    @property
+    def forward_iters(self) -> int:
+        return 1 if self.smoke else 10
+
+    @property
+    def fod_images(self) -> int:
+        return 2 if self.smoke else 32
+
+    @property
+    def fod_repeats(self) -> int:
+        return 1 if self.smoke else 10
+
+    @property
+    def config_name(self) -> str:
+        return "configs/pretrain/tiny_cpu.py" if self.smoke else "configs/pretrain/vitl16_512.py"
+
+
+def parse_combos(items: list[str]) -> tuple[Combo, ...]:
+    """['cudnn:dots', 'xla:full'] -> (('cudnn', 'dots'), ('xla', 'full'))."""
+    combos = tuple(tuple(c.strip().split(":")) for c in items if c.strip())
+    for c in combos:
+        if len(c) != 2 or c[0] not in ("xla", "cudnn") or c[1] not in ("none", "full", "dots", "offload"):
+            raise ValueError(f"--combos wants attention:remat pairs (xla|cudnn : none|full|dots|offload), got {c}")
+    return combos  # type: ignore[return-value]
+
+
+def make_options(
+    *,
+    out: str | None = "gpu_check.json",
+    smoke: bool = False,
+    budget_s: float | None = None,
+    per_device_batches: list[int] | None = None,
+    combos: list[str] | None = None,
+    steps: int | None = None,
+    warmup: int | None = None,
+    other_remat_batch: int = TARGET_BATCH,
+    num_devices: int = 1,
+    no_compile_cache: bool = False,
+) -> Options:
+    """Options with what is not given set for the mode (GPU, or --smoke on the CPU)."""
+    batches = per_device_batches or ([4, 2] if smoke else [64, 48, 32, 16])
+    return Options(
+        out=out,
+        smoke=smoke,
+        budget_s=budget_s or (300.0 if smoke else 510.0),
+        per_device_batches=tuple(sorted(set(batches), reverse=True)),
+        combos=parse_combos(combos or DEFAULT_COMBOS.split(",")) if combos or not smoke else None,
+        steps=steps if steps is not None else (1 if smoke else 5),
+        warmup=warmup if warmup is not None else (1 if smoke else 2),
+        other_remat_batch=other_remat_batch,
+        num_devices=num_devices,
+        no_compile_cache=no_compile_cache,
+    )
 
 
 # --- plumbing --------------------------------------------------------------------------------------
@@ -159,13 +234,13 @@ def base_config(smoke: bool) -> Any:
 # --- sections --------------------------------------------------------------------------------------
 
 
-def environment(devices: list[jax.Device], args: argparse.Namespace) -> dict[str, Any]:
+def environment(devices: list[jax.Device], smoke: bool) -> dict[str, Any]:
     import jaxlib
 
     d = devices[0]
     chip = hardware.chip_for_device_kind(d.device_kind)
     out: dict[str, Any] = {
-        "mode": "smoke" if args.smoke else "gpu",
+        "mode": "smoke" if smoke else "gpu",
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jaxlib": getattr(jaxlib, "__version__", "unknown"),
@@ -205,121 +280,147 @@ def environment(devices: list[jax.Device], args: argparse.Namespace) -> dict[str
 # --- main ------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--json", default="gpu_check.json", help="Write every figure here (rewritten as sections finish).")
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny config, tiny batches, one timed step.")
-    p.add_argument("--budget_s", type=float, default=None, help="Whole-process seconds (default 510; smoke 300).")
-    p.add_argument("--batches", default=None, help="Per-device batches to try, largest first (default 64,48,32,16).")
-    p.add_argument(
-        "--combos",
-        default=None,
-        help=f"attention:remat pairs to time, in order (default {DEFAULT_COMBOS}; smoke {SMOKE_COMBOS}).",
-    )
-    p.add_argument("--steps", type=int, default=None, help="Timed steps (default 5; smoke 1).")
-    p.add_argument("--warmup", type=int, default=None, help="Warm-up steps / forwards (default 2; smoke 1).")
-    p.add_argument(
-        "--other_remat_batch",
-        type=int,
-        default=TARGET_BATCH,
-        help="Per-device batch that remat policies other than the config's start at (then smaller ones where it\n"
-        "does not fit; the config's own policy starts at the largest batch the compile check fitted). 0: that\n"
-        "largest batch for all.",
-    )
-    p.add_argument("--num_devices", type=int, default=1, help="Devices to use (0: all local ones).")
-    p.add_argument("--no_compile_cache", action="store_true", help="No persistent compilation cache (GPU mode).")
-    args = p.parse_args(argv)
-    smoke = args.smoke
-    args.budget_s = args.budget_s or (300.0 if smoke else 510.0)
-    args.batches = [int(b) for b in (args.batches or ("4,2" if smoke else "64,48,32,16")).split(",")]
-    args.batches = sorted(set(args.batches), reverse=True)
-    if args.combos or not smoke:
-        args.combos = [tuple(c.strip().split(":")) for c in (args.combos or DEFAULT_COMBOS).split(",") if c.strip()]
-        for c in args.combos:
-            if len(c) != 2 or c[0] not in ("xla", "cudnn") or c[1] not in ("none", "full", "dots", "offload"):
-                p.error(f"--combos wants attention:remat pairs (xla|cudnn : none|full|dots|offload), got {c}")
-    args.steps = args.steps if args.steps is not None else (1 if smoke else 5)
-    args.warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
-    args.forward_batch = 2 if smoke else 32
-    args.forward_iters = 1 if smoke else 10
-    args.fod_images = 2 if smoke else 32
-    args.fod_repeats = 1 if smoke else 10
-    args.config_name = "configs/pretrain/tiny_cpu.py" if smoke else "configs/pretrain/vitl16_512.py"
-    return args
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    from absl import flags
-
+def _devices(options: Options) -> list[jax.Device]:
+    """Environment and jax set up for the mode (before the backend starts); the devices the check uses."""
+    # jax preallocates 75% of GPU memory by default; the step at the largest batch wants more of the 80 GB.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     if not flags.FLAGS.is_parsed():  # library code may read absl flags (their defaults here)
         flags.FLAGS.mark_as_parsed()
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))  # configs/ is not an installed package
-    if args.smoke:
+    if options.smoke:
         # LLVM at -O0 (same buffers, a faster CPU compile), set before the CPU backend starts.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-    if not args.no_compile_cache and not jax.config.jax_compilation_cache_dir:
+    if not options.no_compile_cache and not jax.config.jax_compilation_cache_dir:
         # A fresh persistent cache: the step the compile check builds (the config's own attention and
         # remat) is then not compiled a second time when the same step is timed.
         cache_dir = tempfile.mkdtemp(prefix="gpu_check_cache_")
         atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
         jax.config.update("jax_compilation_cache_dir", cache_dir)
     monitoring.register_event_listener(_count_cache_hits)
-    devices = jax.devices()
-    if args.smoke:
-        devices = jax.devices("cpu")
-    devices = devices[: args.num_devices] if args.num_devices > 0 else devices
+    devices = jax.devices("cpu") if options.smoke else jax.devices()
+    return devices[: options.num_devices] if options.num_devices > 0 else devices
 
-    check = Check(args.json, args.budget_s, est_compile_s=5.0 if args.smoke else 60.0)
-    check.result = {"mode": "smoke" if args.smoke else "gpu", "config": args.config_name, "args": vars(args).copy()}
-    check.result["args"]["combos"] = [":".join(c) for c in args.combos or ()]
-    check.section("environment", lambda d, out: out.update(environment(devices, args)), max_s=60)
+
+def _record(options: Options) -> dict[str, Any]:
+    return {**dataclasses.asdict(options), "combos": [":".join(c) for c in options.combos or ()]}
+
+
+def run(options: Options) -> dict[str, Any]:
+    """Every section, saved to options.out as it goes; returns the result with targets and summary."""
+    devices = _devices(options)
+    check = Check(options.out, options.budget_s, est_compile_s=5.0 if options.smoke else 60.0)
+    check.result = {"mode": "smoke" if options.smoke else "gpu", "config": options.config_name}
+    check.result["args"] = _record(options)
+    check.section("environment", lambda d, out: out.update(environment(devices, options.smoke)), max_s=60)
     cfg = None
     try:
-        cfg = base_config(args.smoke)
+        cfg = base_config(options.smoke)
     except Exception as e:
         check.result["config_error"] = _failed(e)
         for name in ("vit_forward", "finish_on_device", "compile_check", "train_step"):
             check.result[name] = {"status": "error", "error": f"no config: {check.result['config_error']['error']}"}
-    if cfg is not None and args.combos is None:  # smoke: see SMOKE_COMBOS
+    if cfg is not None and options.combos is None:  # smoke: see SMOKE_COMBOS
         from chexfound_jax.models.vit import remat_policy_name
 
-        args.combos = [("cudnn", "dots"), ("xla", remat_policy_name(cfg.model.remat))]
-        check.result["args"]["combos"] = [":".join(c) for c in args.combos]
+        options = dataclasses.replace(options, combos=(("cudnn", "dots"), ("xla", remat_policy_name(cfg.model.remat))))
+        check.result["args"] = _record(options)
     if cfg is not None:
-        train_reserve = 0.0 if args.smoke else 240.0  # what the compile check leaves to the timed steps
-        check.section(
-            "vit_forward",
-            lambda d, out: vit_forward(check, d, out, cfg, devices, args),
-            max_s=75,
-            reserve_s=train_reserve + 150,
-        )
-        check.section(
-            "finish_on_device",
-            lambda d, out: finish_on_device(check, d, out, cfg, devices, args),
-            max_s=45,
-            reserve_s=train_reserve + 120,
-        )
-        check.section(
-            "compile_check",
-            lambda d, out: compile_check_section(check, d, out, cfg, devices, args),
-            max_s=240,
-            reserve_s=train_reserve,
-        )
-        check.section(
-            "train_step", lambda d, out: train_step_section(check, d, out, cfg, devices, args), max_s=args.budget_s
-        )
+        _sections(check, cfg, devices, options)
     check.result["targets"] = verdicts(check.result)
     check.result["total_s"] = round(check.elapsed(), 1)
     lines = summary(check.result)
     check.result["summary"] = lines
     check.save()
     print("\n" + "\n".join(lines), flush=True)
-    if args.json:
-        print(f"figures: {args.json}", flush=True)
+    if options.out:
+        print(f"figures: {options.out}", flush=True)
     return check.result
 
 
+def _sections(check: Check, cfg: Any, devices: list[jax.Device], options: Options) -> None:
+    """The measuring sections in order, each with its share of the budget."""
+    train_reserve = 0.0 if options.smoke else 240.0  # what the compile check leaves to the timed steps
+    check.section(
+        "vit_forward",
+        lambda d, out: vit_forward(check, d, out, cfg, devices, options),
+        max_s=75,
+        reserve_s=train_reserve + 150,
+    )
+    check.section(
+        "finish_on_device",
+        lambda d, out: finish_on_device(check, d, out, cfg, devices, options),
+        max_s=45,
+        reserve_s=train_reserve + 120,
+    )
+    check.section(
+        "compile_check",
+        lambda d, out: compile_check_section(check, d, out, cfg, devices, options),
+        max_s=240,
+        reserve_s=train_reserve,
+    )
+    check.section(
+        "train_step",
+        lambda d, out: train_step_section(check, d, out, cfg, devices, options),
+        max_s=options.budget_s,
+    )
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The program's flags, defined only when it runs as a program (importing the module claims no flag names)."""
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string("out", "gpu_check.json", "Write every figure here (rewritten as sections finish).", **fv)
+    flags.DEFINE_bool("smoke", False, "CPU, tiny config, tiny batches, one timed step.", **fv)
+    flags.DEFINE_float("budget_s", None, "Whole-process seconds (default 510; smoke 300).", **fv)
+    flags.DEFINE_list(
+        "per_device_batches", None, "Per-device batches to try, largest first (default 64,48,32,16).", **fv
+    )
+    flags.DEFINE_list(
+        "combos",
+        None,
+        f"attention:remat pairs to time, in order (default {DEFAULT_COMBOS}; smoke {SMOKE_COMBOS}).",
+        **fv,
+    )
+    flags.DEFINE_integer("steps", None, "Timed steps (default 5; smoke 1).", lower_bound=1, **fv)
+    flags.DEFINE_integer("warmup", None, "Warm-up steps / forwards (default 2; smoke 1).", lower_bound=0, **fv)
+    flags.DEFINE_integer(
+        "other_remat_batch",
+        TARGET_BATCH,
+        "Per-device batch that remat policies other than the config's start at (then smaller ones where it does not"
+        " fit; the config's own policy starts at the largest batch the compile check fitted). 0: that largest batch"
+        " for all.",
+        lower_bound=0,
+        **fv,
+    )
+    flags.DEFINE_integer("num_devices", 1, "Devices to use (0: all local ones).", lower_bound=0, **fv)
+    flags.DEFINE_bool("no_compile_cache", False, "No persistent compilation cache (GPU mode).", **fv)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    if not all(b.isdigit() and int(b) > 0 for b in f.per_device_batches or ()):
+        raise app.UsageError(f"--per_device_batches wants positive integers, got {','.join(f.per_device_batches)}")
+    try:
+        options = make_options(
+            out=f.out,
+            smoke=f.smoke,
+            budget_s=f.budget_s,
+            per_device_batches=[int(b) for b in f.per_device_batches or ()],
+            combos=f.combos,
+            steps=f.steps,
+            warmup=f.warmup,
+            other_remat_batch=f.other_remat_batch,
+            num_devices=f.num_devices,
+            no_compile_cache=f.no_compile_cache,
+        )
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    run(options)
+
+
 if __name__ == "__main__":
-    main()
+    define_flags()
+    sys.argv = command_line.prepare(sys.argv, RENAMED)
+    cli.run(main)

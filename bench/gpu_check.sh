@@ -4,7 +4,7 @@
 #   bash bench/gpu_check.sh [OUT.json]        # default OUT: gpu_check.json in the current directory
 #
 # Installs this repository (editable; with --no-deps when jax is already importable, so the image's CUDA
-# jax is not replaced), then runs `python -m bench.gpu_check --json=OUT`, which writes ONE JSON with every
+# jax is not replaced), then runs `python -m bench.gpu_check --out=OUT`, which writes ONE JSON with every
 # figure (rewritten as each part finishes) and prints a short summary. Everything stays under 10 minutes
 # on an H100: the Python side keeps to its own time budget and is stopped at 590 s from here regardless.
 #
@@ -79,9 +79,9 @@ BUDGET=$((540 - ELAPSED))
 [ "$BUDGET" -lt 120 ] && BUDGET=120
 LIMIT=$((590 - ELAPSED))
 [ "$LIMIT" -lt 150 ] && LIMIT=150
-echo "== python -m bench.gpu_check --json=$OUT (budget ${BUDGET} s, stopped at ${LIMIT} s)"
+echo "== python -m bench.gpu_check --out=$OUT (budget ${BUDGET} s, stopped at ${LIMIT} s)"
 # shellcheck disable=SC2086
-timeout -k 10 "$LIMIT" "$PY" -m bench.gpu_check --json="$OUT" --budget_s="$BUDGET" ${GPU_CHECK_ARGS:-}
+timeout -k 10 "$LIMIT" "$PY" -m bench.gpu_check --out="$OUT" --budget_s="$BUDGET" ${GPU_CHECK_ARGS:-}
 RC=$?
 if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then
   echo "gpu_check was stopped at ${LIMIT} s; $OUT holds the parts that finished"

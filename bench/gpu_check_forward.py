@@ -15,10 +15,12 @@ from bench.gpu_check_report import _failed, _run_line
 from chexfound_jax import hardware
 
 if TYPE_CHECKING:
-    from bench.gpu_check import Check
+    from bench.gpu_check import Check, Options
 
 
-def vit_forward(check: Check, deadline: float, out: dict, cfg: Any, devices: list[jax.Device], args) -> None:
+def vit_forward(
+    check: Check, deadline: float, out: dict, cfg: Any, devices: list[jax.Device], options: Options
+) -> None:
     """The config's backbone forward (forward_features) in bf16 at its global crop size, per attention impl."""
     from flax import nnx
 
@@ -27,7 +29,7 @@ def vit_forward(check: Check, deadline: float, out: dict, cfg: Any, devices: lis
     from chexfound_jax.train import recipe
 
     device = devices[0]
-    batch, resolution = args.forward_batch, cfg.crops.global_crops_size
+    batch, resolution = options.forward_batch, cfg.crops.global_crops_size
     impls = ["cudnn", "xla"] if device.platform == "gpu" else ["xla"]
     base = recipe.backbone_config(cfg).replace(dtype="bfloat16", drop_path_rate=0.0, remat=False)
     flops = vit_forward_flops(base, resolution)
@@ -66,7 +68,7 @@ def vit_forward(check: Check, deadline: float, out: dict, cfg: Any, devices: lis
             t0 = time.perf_counter()
             compiled = jax.jit(forward).lower(params, x).compile()
             run["compile_s"] = round(time.perf_counter() - t0, 2)
-            times = timing.time_calls(compiled, (params, x), args.warmup, args.forward_iters)
+            times = timing.time_calls(compiled, (params, x), options.warmup, options.forward_iters)
             step = statistics.median(times)
             run.update(
                 step_ms=step * 1e3,

@@ -13,7 +13,7 @@ import numpy as np
 from bench.gpu_check_report import error_text
 
 if TYPE_CHECKING:
-    from bench.gpu_check import Check
+    from bench.gpu_check import Check, Options
 
 
 PARAM_PREFIX = "aug_"  # chexfound_jax.data.pipeline.PARAM_PREFIX
@@ -111,14 +111,16 @@ def pipeline_batch(
     return batch, time.perf_counter() - t0
 
 
-def finish_on_device(check: Check, deadline: float, out: dict, cfg: Any, devices: list[jax.Device], args) -> None:
+def finish_on_device(
+    check: Check, deadline: float, out: dict, cfg: Any, devices: list[jax.Device], options: Options
+) -> None:
     from chexfound_jax.data import batch_layout
 
     pipeline, why = load_pipeline()
     out["via"] = "pipeline.finish_on_device" if pipeline else f"bench.gpu_check copies of the pipeline steps ({why})"
     finish = pipeline.finish_on_device if pipeline else _finish
     device = devices[0]
-    images = args.fod_images
+    images = options.fod_images
     batch, host_s = pipeline_batch(cfg, images, np.random.default_rng(0), pipeline)
     keys = [k for k in batch if k in batch_layout.BATCH_KEYS or k.startswith(PARAM_PREFIX)]
     arrays = jax.device_put({k: batch[k] for k in keys}, device)
@@ -128,7 +130,7 @@ def finish_on_device(check: Check, deadline: float, out: dict, cfg: Any, devices
     compile_s = time.perf_counter() - t0
     out_batch = jax.block_until_ready(compiled(arrays))
     times = []
-    for _ in range(args.fod_repeats):
+    for _ in range(options.fod_repeats):
         if times and check.now() > deadline:
             break
         t0 = time.perf_counter()

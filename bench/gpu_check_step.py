@@ -3,7 +3,6 @@ training step per attention and remat, with the allocator limit and the compilat
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import statistics
@@ -27,7 +26,7 @@ from bench.gpu_check_report import (
 from chexfound_jax import hardware
 
 if TYPE_CHECKING:
-    from bench.gpu_check import Check
+    from bench.gpu_check import Check, Options
 
 
 _CACHE_HITS = [0]
@@ -52,7 +51,9 @@ def allocator_limit(device: jax.Device) -> int | None:
     return stats.get("bytes_limit")
 
 
-def compile_check_section(check: Check, deadline: float, out: dict, cfg: Any, devices: list[jax.Device], args) -> None:
+def compile_check_section(
+    check: Check, deadline: float, out: dict, cfg: Any, devices: list[jax.Device], options: Options
+) -> None:
     from chexfound_jax import compile_check
     from chexfound_jax.parallel import topology as topology_lib
 
@@ -62,12 +63,12 @@ def compile_check_section(check: Check, deadline: float, out: dict, cfg: Any, de
     limit = allocator_limit(devices[0])
     out.update(
         {
-            "config": args.config_name,
+            "config": options.config_name,
             "mesh": mesh_axes,
             "rules": rules,
             "attention_impl": str(cfg.model.attention_impl),
             "remat": str(cfg.model.remat),
-            "batches": args.batches,
+            "batches": options.per_device_batches,
             "reports": [],
             "largest_fitting_batch": None,
         }
@@ -102,7 +103,7 @@ def compile_check_section(check: Check, deadline: float, out: dict, cfg: Any, de
             return bool(r["fits"])
         return r.get("fits_allocator") is not False  # no chip figures (CPU, unknown GPU): what compiles
 
-    for b in args.batches:
+    for b in options.per_device_batches:
         report = run(b)
         out["reports"].append(report)
         check.save()
@@ -111,12 +112,12 @@ def compile_check_section(check: Check, deadline: float, out: dict, cfg: Any, de
             break
     # The target's own batch, where the reports so far do not settle whether it fits 80 GB.
     checked = {r.get("per_device_batch") for r in out["reports"] if r.get("status") == "ok"}
-    if not args.smoke and _fit_verdict(out["reports"]) is None and TARGET_BATCH not in checked:
+    if not options.smoke and _fit_verdict(out["reports"]) is None and TARGET_BATCH not in checked:
         out["reports"].append(run(TARGET_BATCH))
     out["fits_32_per_80gb"] = _fit_verdict(out["reports"])
 
 
-def _time_step(training: Any, compiled: Any, cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _time_step(training: Any, compiled: Any, cfg: Any, options: Options) -> dict[str, Any]:
     """Allocates the state and two batches, runs warm-up and timed steps; everything is freed on return."""
     from chexfound_jax.data.collate import synthetic_batch
 
@@ -129,7 +130,7 @@ def _time_step(training: Any, compiled: Any, cfg: Any, args: argparse.Namespace)
         jax.device_put(synthetic_batch(cfg, training.batch_spec, rng), training.batch_shardings) for _ in range(2)
     ]
     try:
-        state, metrics, times = timing.time_steps(compiled, state, batches, args.warmup, args.steps)
+        state, metrics, times = timing.time_steps(compiled, state, batches, options.warmup, options.steps)
         loss = float(metrics["total_loss"])
     finally:
         del state, batches
@@ -144,7 +145,7 @@ def time_combo(
     remat: str,
     candidates: list[int],
     devices: list[jax.Device],
-    args: argparse.Namespace,
+    options: Options,
 ) -> dict[str, Any]:
     """The step of `base` with this attention and remat at the first of `candidates` that fits."""
     from chexfound_jax import compile_check
@@ -198,7 +199,7 @@ def time_combo(
             gc.collect()
             continue
         try:
-            timed = _time_step(training, compiled, cfg, args)
+            timed = _time_step(training, compiled, cfg, options)
         except Exception as e:
             del compiled, training
             gc.collect()
@@ -226,7 +227,7 @@ def time_combo(
             init_s=timed["init_s"],
             memory=memory,
             peak_gib=_gib(memory["peak"]),
-            warmup_steps=args.warmup,
+            warmup_steps=options.warmup,
             timed_steps=len(times),
             step_ms=step * 1e3,
             step_ms_min=min(times) * 1e3,
@@ -256,20 +257,22 @@ def time_combo(
     return run
 
 
-def train_step_section(check: Check, deadline: float, out: dict, cfg: Any, devices: list[jax.Device], args) -> None:
+def train_step_section(
+    check: Check, deadline: float, out: dict, cfg: Any, devices: list[jax.Device], options: Options
+) -> None:
     from chexfound_jax.models.vit import remat_policy_name
 
     fitting = (check.result.get("compile_check") or {}).get("largest_fitting_batch")
-    start = fitting or (TARGET_BATCH if not args.smoke else args.batches[-1])
-    candidates = [b for b in args.batches if b <= start] or [start]
+    start = fitting or (TARGET_BATCH if not options.smoke else options.per_device_batches[-1])
+    candidates = [b for b in options.per_device_batches if b <= start] or [start]
     own_remat = remat_policy_name(cfg.model.remat)
     # The config's own policy starts at the largest batch the compile check found to fit. The others' memory is
     # unknown and every try too large costs a whole compile: they start at --other_remat_batch (the target's 32)
     # and step down where it does not fit.
-    other_start = min(start, args.other_remat_batch) if args.other_remat_batch > 0 else start
+    other_start = min(start, options.other_remat_batch) if options.other_remat_batch > 0 else start
     out.update(
         {
-            "config": args.config_name,
+            "config": options.config_name,
             "config_remat": own_remat,
             "start_batch": start,
             "other_remat_start_batch": other_start,
@@ -282,7 +285,7 @@ def train_step_section(check: Check, deadline: float, out: dict, cfg: Any, devic
     )
     platform_name = devices[0].platform
     fits_for: dict[str, int] = {}  # remat policy -> the batch that fitted last: the next run starts there
-    for impl, remat in args.combos:
+    for impl, remat in options.combos:
         if impl == "cudnn" and platform_name != "gpu":
             run: dict[str, Any] = {
                 "attention_impl": impl,
@@ -295,7 +298,7 @@ def train_step_section(check: Check, deadline: float, out: dict, cfg: Any, devic
             first = fits_for.get(remat, start if remat == own_remat else other_start)
             try:
                 run = time_combo(
-                    check, deadline, cfg, impl, remat, [b for b in candidates if b <= first], devices, args
+                    check, deadline, cfg, impl, remat, [b for b in candidates if b <= first], devices, options
                 )
             except Exception as e:
                 run = {"attention_impl": impl, "remat": remat, **_failed(e)}

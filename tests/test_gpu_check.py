@@ -29,11 +29,12 @@ def _errors(node, path="$"):
 def test_smoke_run_writes_every_section_with_figures(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)  # set by the check itself, before the backend starts
     # One CPU device is what the smoke run uses; the test session's 8 simulated ones would only add threads.
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env["XLA_FLAGS"] = " ".join(flags)
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", "--smoke", f"--json={out}"],
+        [sys.executable, "-m", "bench.gpu_check", "--smoke", f"--out={out}"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -52,6 +53,8 @@ def test_smoke_run_writes_every_section_with_figures(tmp_path):
     env_ = result["environment"]
     assert env_["jax"] and env_["device_kind"] and env_["devices_used"] == 1
     assert env_["platform"] == "cpu" and env_["chip"] is None and env_["peak_bf16_flops"] is None
+    assert env_["env"]["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.92", env_["env"]
+    assert result["args"]["per_device_batches"] == [4, 2] and result["args"]["out"] == str(out), result["args"]
 
     forward = result["vit_forward"]
     assert forward["gflop_per_image"] > 0 and forward["runs"], forward
