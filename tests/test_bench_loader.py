@@ -2,6 +2,7 @@
 side's command line in an interpreter without absl or jax."""
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -74,3 +75,12 @@ def test_torchvision_side_needs_neither_absl_nor_jax(tmp_path):
     code += f"import runpy; runpy.run_path({script!r}, run_name='__main__')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "usage:" in proc.stderr and "OUT_JSON < SPEC_JSON" in proc.stderr, proc.stderr
+
+
+def test_torchvision_side_reads_its_spec_on_stdin(tmp_path, monkeypatch):
+    from bench import loader_torchvision
+
+    monkeypatch.setattr(loader_torchvision, "torchvision_child", lambda spec: {"cells": [], "spec": spec})
+    out = tmp_path / "torchvision.json"
+    loader_torchvision.child_main(["loader_torchvision.py", str(out)], io.StringIO('{"batch": 2}'))
+    assert json.loads(out.read_text()) == {"cells": [], "spec": {"batch": 2}}
