@@ -53,7 +53,8 @@ class Linear(nnx.Module):
         self.bias = param(rngs, nnx.initializers.zeros, (out_features,), axes[1:]) if use_bias else None
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """`rng` is unused here: adapter subclasses (models/lora.py) draw their dropout from it."""
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

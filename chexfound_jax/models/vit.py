@@ -33,6 +33,9 @@ DROP_PATH_MODES = ("subset", "per_sample")
 # "dots" keeps the outputs of the weight matmuls (qkv, proj, FFN) and recomputes norms, activations
 # and attention (a few % of FLOPs); "offload" is "dots" with the saved outputs in host memory.
 REMAT_POLICIES = ("none", "full", "dots", "offload")
+# Adapter layers (LoRA dropout, models/lora.py) draw from keys folded out of a block's (or the stem's) key with
+# this constant, so stochastic depth draws what it draws without them; a plain backbone never uses these keys.
+ADAPTER_KEY_STREAM = 0x4C6F5241
 
 
 def remat_policy_name(remat: bool | str) -> str:
@@ -148,14 +151,19 @@ class PatchEmbed(nnx.Module):
         self.patch_size = p
         self.dtype = cfg.compute_dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """`rng` is unused here: an adapted patch embedding (models/lora.py) draws its dropout from it."""
+        patches = self.patches(x)
+        kernel = self.kernel[...].reshape(patches.shape[-1], -1).astype(self.dtype)
+        return jnp.dot(patches, kernel) + self.bias[...].astype(self.dtype)
+
+    def patches(self, x: jax.Array) -> jax.Array:
+        """(B, H, W, C) images -> (B, h*w, p*p*C) flattened patches in the compute dtype."""
         b, height, width, c = x.shape
         p = self.patch_size
         h, w = height // p, width // p
         x = x[:, : h * p, : w * p].reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
-        x = x.reshape(b, h * w, p * p * c).astype(self.dtype)
-        kernel = self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)
-        return jnp.dot(x, kernel) + self.bias[...].astype(self.dtype)
+        return x.reshape(b, h * w, p * p * c).astype(self.dtype)
 
 
 class Attention(nnx.Module):
@@ -169,12 +177,14 @@ class Attention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.implementation = cfg.attention_impl
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """`rng`: keys for adapter dropout in qkv / proj (unused by plain layers)."""
         b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+        k_qkv, k_proj = _split(rng)
+        qkv = self.qkv(x, rng=k_qkv).reshape(b, t, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = attention.dot_product_attention(q, k, v, self.implementation)
-        return self.proj(out.reshape(b, t, d))
+        return self.proj(out.reshape(b, t, d), rng=k_proj)
 
 
 class Mlp(nnx.Module):
@@ -185,8 +195,9 @@ class Mlp(nnx.Module):
         self.fc1 = layers.Linear(d, h, axes=("embed", "mlp"), use_bias=cfg.ffn_bias, dtype=dt, rngs=rngs)
         self.fc2 = layers.Linear(h, d, axes=("mlp", "embed"), use_bias=cfg.ffn_bias, dtype=dt, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        k1, k2 = _split(rng)
+        return self.fc2(jax.nn.gelu(self.fc1(x, rng=k1), approximate=False), rng=k2)
 
 
 class SwiGLU(nnx.Module):
@@ -197,9 +208,19 @@ class SwiGLU(nnx.Module):
         self.w12 = layers.Linear(d, 2 * h, axes=("embed", "mlp"), use_bias=cfg.ffn_bias, dtype=dt, rngs=rngs)
         self.w3 = layers.Linear(h, d, axes=("mlp", "embed"), use_bias=cfg.ffn_bias, dtype=dt, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate, value = jnp.split(self.w12(x), 2, axis=-1)
-        return self.w3(jax.nn.silu(gate) * value)
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        k12, k3 = _split(rng)
+        gate, value = jnp.split(self.w12(x, rng=k12), 2, axis=-1)
+        return self.w3(jax.nn.silu(gate) * value, rng=k3)
+
+
+def _split(rng: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
+    return (None, None) if rng is None else tuple(jax.random.split(rng))
+
+
+def adapter_key(rng: jax.Array | None) -> jax.Array | None:
+    """The adapter-dropout key of a training key (None stays None: deterministic)."""
+    return None if rng is None else jax.random.fold_in(rng, ADAPTER_KEY_STREAM)
 
 
 def drop_path_residual(
@@ -255,24 +276,28 @@ class Block(nnx.Module):
         self.drop_path_rate = cfg.drop_path_rate
         self.drop_path_mode = cfg.drop_path_mode
 
-    def _attn_branch(self, x: jax.Array) -> jax.Array:
-        y = self.attn(self.norm1(x))
+    def _attn_branch(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        y = self.attn(self.norm1(x), rng)
         return y if self.ls1 is None else self.ls1(y)
 
-    def _ffn_branch(self, x: jax.Array) -> jax.Array:
-        y = self.mlp(self.norm2(x))
+    def _ffn_branch(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        y = self.mlp(self.norm2(x), rng)
         return y if self.ls2 is None else self.ls2(y)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None, groups: int = 1) -> jax.Array:
-        """rng given: training with stochastic depth over `groups` row groups; None: deterministic."""
+        """rng given: training with stochastic depth over `groups` row groups (and adapter dropout); None:
+        deterministic."""
         x = activations.constrain_batch(x)
+        k_attn_adapter, k_ffn_adapter = _split(adapter_key(rng))
+        attn_branch = functools.partial(self._attn_branch, rng=k_attn_adapter)
+        ffn_branch = functools.partial(self._ffn_branch, rng=k_ffn_adapter)
         if rng is None or self.drop_path_rate == 0.0:
-            x = x + self._attn_branch(x)
-            return x + self._ffn_branch(x)
+            x = x + attn_branch(x)
+            return x + ffn_branch(x)
         k_attn, k_ffn = jax.random.split(rng)
         rate, mode = self.drop_path_rate, self.drop_path_mode
-        x = drop_path_residual(x, self._attn_branch, rate, mode, k_attn, groups)
-        return drop_path_residual(x, self._ffn_branch, rate, mode, k_ffn, groups)
+        x = drop_path_residual(x, attn_branch, rate, mode, k_attn, groups)
+        return drop_path_residual(x, ffn_branch, rate, mode, k_ffn, groups)
 
 
 def _block_fn(remat: bool | str, groups: int) -> Callable:
@@ -310,12 +335,13 @@ class VisionTransformer(nnx.Module):
     def num_prefix_tokens(self) -> int:
         return 1 + self.config.num_register_tokens
 
-    def prepare_tokens(self, x: jax.Array, masks: jax.Array | None = None) -> jax.Array:
-        """NHWC images (and optional (B, N) bool iBOT masks) -> [cls, regs, patches] tokens."""
+    def prepare_tokens(self, x: jax.Array, masks: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+        """NHWC images (and optional (B, N) bool iBOT masks) -> [cls, regs, patches] tokens. `rng`: the
+        training key, for an adapted patch embedding's dropout."""
         cfg = self.config
         dt = cfg.compute_dtype
         b, height, width, _ = x.shape
-        tokens = self.patch_embed(x)
+        tokens = self.patch_embed(x, adapter_key(rng))
         if masks is not None:
             tokens = jnp.where(masks[..., None], self.mask_token[...].astype(dt)[None], tokens)
         cls = jnp.broadcast_to(self.cls_token[...].astype(dt), (b, 1, cfg.embed_dim))
@@ -368,7 +394,7 @@ class VisionTransformer(nnx.Module):
     ) -> dict[str, jax.Array]:
         """The dict of DINOv2's forward_features. `rng` enables stochastic depth (training) over
         `groups` consecutive row groups (official per-GPU batches)."""
-        x_prenorm, _ = self.run_blocks(self.prepare_tokens(x, masks), rng, groups=groups)
+        x_prenorm, _ = self.run_blocks(self.prepare_tokens(x, masks, rng), rng, groups=groups)
         cls, regs, patches = self._split_tokens(self.norm(x_prenorm))
         out = {
             "x_norm_clstoken": cls,
@@ -381,27 +407,29 @@ class VisionTransformer(nnx.Module):
         return out
 
     def last_blocks(
-        self, x: jax.Array, n: int = 4, *, norm: bool = True
+        self, x: jax.Array, n: int = 4, *, norm: bool = True, rng: jax.Array | None = None
     ) -> tuple[tuple[jax.Array, jax.Array, jax.Array], ...]:
         """(cls, registers, patches) of the last n blocks, shallow to deep, in one forward pass.
 
         With norm=True each passes through the shared final LayerNorm, so the deepest entry is
-        forward_features' x_norm_* outputs.
+        forward_features' x_norm_* outputs. `rng` makes it a training forward (adapter dropout, and
+        stochastic depth if the config has a drop-path rate); None is deterministic.
         """
         depth = len(self.blocks)
         if not 0 < n <= depth:
             raise ValueError(f"n={n} must be in [1, {depth}]")
-        _, outs = self.run_blocks(self.prepare_tokens(x), collect=tuple(range(depth - n, depth)))
+        tokens = self.prepare_tokens(x, rng=rng)
+        _, outs = self.run_blocks(tokens, rng, collect=tuple(range(depth - n, depth)))
         return tuple(self._split_tokens(self.norm(out) if norm else out) for out in outs)
 
     def get_intermediate_layers(
-        self, x: jax.Array, n: int = 4, *, norm: bool = True
+        self, x: jax.Array, n: int = 4, *, norm: bool = True, rng: jax.Array | None = None
     ) -> tuple[tuple[jax.Array, jax.Array], ...]:
         """DINOv2's (patch_tokens, cls_token) of the last n blocks, registers dropped.
 
         This is what every CheXFound downstream head reads (n = 4, norm = True).
         """
-        return tuple((patches, cls) for cls, _, patches in self.last_blocks(x, n, norm=norm))
+        return tuple((patches, cls) for cls, _, patches in self.last_blocks(x, n, norm=norm, rng=rng))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """The normalised class token, what DINOv2's forward returns at inference."""
