@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import GLORI_CATCLS_PTH, GLORI_PTH, TINY_TEACHER, torch_glori, torch_linear_probe
 
-from chexfound_jax.convert import ConversionError, heads, torch_io
+from chexfound_jax.convert import ConversionError, head_checkpoints, torch_io
 from chexfound_jax.models.classifiers import (
     ClassifierConfig,
     abstract_classifier_state,
@@ -34,7 +34,7 @@ def golden_file():
 
 @pytest.fixture(scope="module")
 def golden_head(golden_file):
-    return heads.read_head_file(golden_file)[1]
+    return head_checkpoints.read_head_file(golden_file)[1]
 
 
 def _same_tree(a, b):
@@ -52,13 +52,17 @@ def _random_state(cfg, seed=0):
 
 
 def test_head_names():
-    assert heads.head_name(1e-4) == GOLDEN_NAME
-    assert heads.head_name(0.1, n_blocks=1, avgpool=True) == "linear:blocks=1:avgpool=True:lr=0_1000000000"
+    assert head_checkpoints.head_name(1e-4) == GOLDEN_NAME
+    assert head_checkpoints.head_name(0.1, n_blocks=1, avgpool=True) == "linear:blocks=1:avgpool=True:lr=0_1000000000"
     for lr in LRS:
-        assert heads.parse_head_name(heads.head_name(lr, 4, False)) == {"n_blocks": 4, "avgpool": False, "lr": lr}
-    assert len({heads.head_name(lr) for lr in LRS}) == 13
+        assert head_checkpoints.parse_head_name(head_checkpoints.head_name(lr, 4, False)) == {
+            "n_blocks": 4,
+            "avgpool": False,
+            "lr": lr,
+        }
+    assert len({head_checkpoints.head_name(lr) for lr in LRS}) == 13
     with pytest.raises(ConversionError, match="'linear:blocks=4:lr=0_1'"):
-        heads.parse_head_name("linear:blocks=4:lr=0_1")
+        head_checkpoints.parse_head_name("linear:blocks=4:lr=0_1")
 
 
 # --- official files -------------------------------------------------------------------------------
@@ -67,23 +71,23 @@ def test_head_names():
 @pytest.mark.parametrize("path", [GLORI_PTH, GLORI_CATCLS_PTH])
 def test_official_file_round_trips_exactly(path):
     obj = torch_io.read_checkpoint(path)
-    name, sd = heads.read_head_file(obj)
+    name, sd = head_checkpoints.read_head_file(obj)
     assert name == GOLDEN_NAME
-    cfg, state = heads.import_classifier(sd)
-    out = heads.head_file(heads.head_name(1e-4), heads.export_classifier(cfg, state))
+    cfg, state = head_checkpoints.import_classifier(sd)
+    out = head_checkpoints.head_file(head_checkpoints.head_name(1e-4), head_checkpoints.export_classifier(cfg, state))
     assert list(out) == list(obj) and out["iteration"] == obj["iteration"] == 0
     assert list(out["model"]) == list(obj["model"])  # same keys in the official (registration) order
     assert all(np.array_equal(out["model"][k], v) and out["model"][k].dtype == v.dtype for k, v in obj["model"].items())
 
 
 def test_bare_decoder_dict_is_accepted(golden_head):
-    cfg, state = heads.import_classifier(golden_head)
+    cfg, state = head_checkpoints.import_classifier(golden_head)
     bare = {k.removeprefix("decoder."): v for k, v in golden_head.items()}
-    cfg2, state2 = heads.import_classifier(bare)
+    cfg2, state2 = head_checkpoints.import_classifier(bare)
     assert cfg2 == cfg and _same_tree(state2, state)
     del bare["layers.0.norm2.bias"]
     with pytest.raises(ConversionError, match=r"missing key 'layers\.0\.norm2\.bias'"):
-        heads.import_classifier(bare)
+        head_checkpoints.import_classifier(bare)
 
 
 P = f"classifiers_dict.{GOLDEN_NAME}."
@@ -131,25 +135,28 @@ def test_bad_heads_name_the_key(golden_head, edit, kwargs, match):
     sd = dict(golden_head)
     edit(sd)
     with pytest.raises(ConversionError, match=match):
-        heads.import_classifier(sd, where=P, **kwargs)
+        head_checkpoints.import_classifier(sd, where=P, **kwargs)
 
 
 def test_read_head_file_picks_one_of_several_heads(golden_file, golden_head):
-    names = [heads.head_name(lr) for lr in LRS]
+    names = [head_checkpoints.head_name(lr) for lr in LRS]
     model = {f"module.classifiers_dict.{n}.{k}": v + i for i, n in enumerate(names) for k, v in golden_head.items()}
     obj = {"model": model, "optimizer": {"state": {}}, "scheduler": {"last_epoch": 3}, "iteration": 7}
     with pytest.raises(ConversionError, match=r"13 heads; pick one by name: \[.*lr=0_0000100000.*\]"):
-        heads.read_head_file(obj)
-    name, sd = heads.read_head_file(obj, heads.head_name(5e-4))
+        head_checkpoints.read_head_file(obj)
+    name, sd = head_checkpoints.read_head_file(obj, head_checkpoints.head_name(5e-4))
     assert name == names[5] and list(sd) == list(golden_head)
     assert all(np.array_equal(sd[k], golden_head[k] + 5) for k in sd)
     with pytest.raises(ConversionError, match=r"no head named 'nope'"):
-        heads.read_head_file(obj, "nope")
+        head_checkpoints.read_head_file(obj, "nope")
     with pytest.raises(ConversionError, match="unknown key 'dino_loss.center'"):
-        heads.read_head_file({"model": {**model, "dino_loss.center": np.zeros(3)}}, names[0])
-    assert heads.is_head_checkpoint(obj) and heads.is_head_checkpoint(golden_file)
-    assert heads.is_head_checkpoint(golden_head) and heads.read_head_file(golden_head) == ("", golden_head)
-    assert not heads.is_head_checkpoint(torch_io.read_checkpoint(TINY_TEACHER))
+        head_checkpoints.read_head_file({"model": {**model, "dino_loss.center": np.zeros(3)}}, names[0])
+    assert head_checkpoints.is_head_checkpoint(obj) and head_checkpoints.is_head_checkpoint(golden_file)
+    assert head_checkpoints.is_head_checkpoint(golden_head) and head_checkpoints.read_head_file(golden_head) == (
+        "",
+        golden_head,
+    )
+    assert not head_checkpoints.is_head_checkpoint(torch_io.read_checkpoint(TINY_TEACHER))
 
 
 # --- PyTorch reference modules ------------------------------------------------------------------
@@ -160,7 +167,7 @@ def test_linear_probe_interop(avgpool):
     d, k = 16, 3
     cfg = ClassifierConfig("linear", k, d, avgpool=avgpool)
     state = _random_state(cfg)
-    sd = heads.export_classifier(cfg, state)
+    sd = head_checkpoints.export_classifier(cfg, state)
     assert list(sd) == ["linear.weight", "linear.bias"] and sd["linear.weight"].shape == (k, cfg.in_features)
     ref = torch_linear_probe(cfg.in_features, k)
     ref.load_state_dict({n: torch.from_numpy(v) for n, v in sd.items()}, strict=True)
@@ -170,22 +177,22 @@ def test_linear_probe_interop(avgpool):
     with torch.no_grad():
         want = ref(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(classifier_from_state(cfg, state)(feats), want, atol=1e-5)
-    cfg2, state2 = heads.import_classifier(sd, avgpool=avgpool)
+    cfg2, state2 = head_checkpoints.import_classifier(sd, avgpool=avgpool)
     assert cfg2 == cfg and _same_tree(state2, state)
     two = cfg.replace(views=2)  # --multiview: twice the input, told by the caller (shapes cannot say)
-    sd2 = heads.export_classifier(two, _random_state(two))
+    sd2 = head_checkpoints.export_classifier(two, _random_state(two))
     assert sd2["linear.weight"].shape == (k, 2 * cfg.in_features)
-    assert heads.import_classifier(sd2, avgpool=avgpool, views=2)[0] == two
+    assert head_checkpoints.import_classifier(sd2, avgpool=avgpool, views=2)[0] == two
     plain = {"linear.weight": np.zeros((k, 4 * d), np.float32), "linear.bias": np.zeros(k, np.float32)}
     with pytest.raises(ConversionError, match=r"'linear\.weight': input width 64 is not a multiple of 5"):
-        heads.import_classifier(plain, avgpool=True)  # 4 CLS tokens + the average: 5 equal parts
+        head_checkpoints.import_classifier(plain, avgpool=True)  # 4 CLS tokens + the average: 5 equal parts
 
 
 # --- classifier directories ---------------------------------------------------------------------
 
 
 def test_classifier_dir_round_trip(tmp_path, golden_head):
-    cfg, state = heads.import_classifier(golden_head)
+    cfg, state = head_checkpoints.import_classifier(golden_head)
     meta = {"lr": 1e-4, "class_names": ["a", "b", "c", "d", "e"], "val_auroc": 0.75}
     assert not is_classifier_dir(tmp_path / "head")
     save_classifier(tmp_path / "head", cfg, state, meta)
@@ -213,7 +220,7 @@ def test_classifier_dir_round_trip(tmp_path, golden_head):
     ],
 )
 def test_damaged_classifier_dir_names_the_variable(tmp_path, golden_head, corrupt, match):
-    cfg, state = heads.import_classifier(golden_head)
+    cfg, state = head_checkpoints.import_classifier(golden_head)
     save_classifier(tmp_path, cfg, state)
     with np.load(tmp_path / "classifier.npz") as f:
         flat = {k: f[k] for k in f.files}
@@ -224,7 +231,7 @@ def test_damaged_classifier_dir_names_the_variable(tmp_path, golden_head, corrup
 
 
 def test_damaged_classifier_files(tmp_path, golden_head):
-    cfg, state = heads.import_classifier(golden_head)
+    cfg, state = head_checkpoints.import_classifier(golden_head)
     save_classifier(tmp_path, cfg, state)
     (tmp_path / "classifier.npz").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ValueError, match=r"classifier\.npz: cannot be read"):
@@ -245,7 +252,7 @@ def test_cli_round_trip(tmp_path, golden_file, golden_head):
     run = lambda *args: subprocess.run(
         [sys.executable, "-m", "chexfound_jax.convert", *args], capture_output=True, text=True
     )
-    cfg, state = heads.import_classifier(golden_head)
+    cfg, state = head_checkpoints.import_classifier(golden_head)
     save_classifier(tmp_path / "head", cfg, state, {"lr": 1e-4, "class_names": list("abcde")})
     pth = tmp_path / "model_final.pth"
     r = run("--to=pytorch", f"--checkpoint={tmp_path / 'head'}", f"--out={pth}")

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from helpers import GLORI_CATCLS_PTH, GLORI_PTH, TINY_HEADS, TINY_TEACHER, golden, model_from_params, torch_glori
 
-from chexfound_jax.convert import heads, pytorch, torch_io
+from chexfound_jax.convert import head_checkpoints, pytorch, torch_io
 from chexfound_jax.models.classifiers import (
     ClassifierConfig,
     FrozenQuery,
@@ -89,8 +89,10 @@ def _torch_outputs(ref, feats):
 
 @pytest.mark.parametrize("prefix,path,cat_cls", VARIANTS)
 def test_official_head_matches_golden_outputs(gold, prefix, path, cat_cls):
-    name, sd = heads.read_head_file(torch_io.read_checkpoint(path))
-    cfg, state = heads.import_classifier(sd, **{k: heads.parse_head_name(name)[k] for k in ("n_blocks", "avgpool")})
+    name, sd = head_checkpoints.read_head_file(torch_io.read_checkpoint(path))
+    cfg, state = head_checkpoints.import_classifier(
+        sd, **{k: head_checkpoints.parse_head_name(name)[k] for k in ("n_blocks", "avgpool")}
+    )
     assert (cfg.kind, cfg.num_classes, cfg.embed_dim, cfg.feature_dim, cfg.decoder_dim) == ("glori", 5, 64, 256, 32)
     assert (cfg.num_heads, cfg.ffn_dim, cfg.cat_cls, cfg.pooled_dim) == (8, 2048, cat_cls, 288 if cat_cls else 32)
     logits, attn = classifier_from_state(cfg, state)(_golden_inputs(gold), return_attention=True)
@@ -102,7 +104,7 @@ def test_official_head_matches_golden_outputs(gold, prefix, path, cat_cls):
 @pytest.mark.parametrize("prefix,path,cat_cls", VARIANTS)
 def test_torch_reference_reproduces_golden_outputs(gold, prefix, path, cat_cls):
     """The reference used below is itself checked against the official outputs (strict key match)."""
-    _, sd = heads.read_head_file(torch_io.read_checkpoint(path))
+    _, sd = head_checkpoints.read_head_file(torch_io.read_checkpoint(path))
     ref = torch_glori(5, 256, 32, cat_cls=cat_cls).eval()
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
     logits, attn = _torch_outputs(ref, _golden_inputs(gold))
@@ -116,7 +118,9 @@ def test_backbone_features_to_logits_end_to_end(gold):
     vit = model_from_params(cfg.backbone, params["backbone"])
     feats = nnx.jit(lambda m, x: head_inputs(m.last_blocks(x, 4)))(vit, gold["input_image"].transpose(0, 2, 3, 1))
     np.testing.assert_allclose(feats["patch"], np.concatenate(list(gold["feat_patch"]), axis=-1), atol=1e-5)
-    head_cfg, state = heads.import_classifier(heads.read_head_file(torch_io.read_checkpoint(GLORI_CATCLS_PTH))[1])
+    head_cfg, state = head_checkpoints.import_classifier(
+        head_checkpoints.read_head_file(torch_io.read_checkpoint(GLORI_CATCLS_PTH))[1]
+    )
     logits = classifier_from_state(head_cfg, state)(feats)
     np.testing.assert_allclose(logits, gold["glori_catcls_logits"], atol=1e-4)
 
@@ -128,7 +132,7 @@ def test_backbone_features_to_logits_end_to_end(gold):
 def test_torch_reference_to_jax(cat_cls):
     ref = _randomise_torch(torch_glori(K, 4 * D, DEC, ffn_dim=FFN, cat_cls=cat_cls), seed=1).eval()
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-    cfg, state = heads.import_classifier(sd)
+    cfg, state = head_checkpoints.import_classifier(sd)
     assert cfg == ClassifierConfig("glori", K, D, decoder_dim=DEC, ffn_dim=FFN, cat_cls=cat_cls)
     feats = head_inputs(_blocks())
     logits, attn = classifier_from_state(cfg, state)(feats, return_attention=True)
@@ -143,7 +147,9 @@ def test_jax_head_to_torch_reference(cat_cls):
     cfg = ClassifierConfig("glori", K, D, decoder_dim=DEC, ffn_dim=FFN, num_heads=4, cat_cls=cat_cls)
     state = _random_state(cfg, seed=2)
     ref = torch_glori(K, 4 * D, DEC, num_heads=4, ffn_dim=FFN, cat_cls=cat_cls).eval()
-    ref.load_state_dict({k: torch.from_numpy(v) for k, v in heads.export_classifier(cfg, state).items()}, strict=True)
+    ref.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in head_checkpoints.export_classifier(cfg, state).items()}, strict=True
+    )
     feats = head_inputs(_blocks(seed=5))
     logits, attn = classifier_from_state(cfg, state)(feats, return_attention=True)
     want_logits, want_attn = _torch_outputs(ref, feats)
@@ -154,7 +160,7 @@ def test_jax_head_to_torch_reference(cat_cls):
 def test_eval_normalises_twice_the_query():
     """Eval computes LN1(q + q): with a large eps LN1(2q) and LN1(q) differ a lot, and we match 2q."""
     ref = _randomise_torch(torch_glori(K, 4 * D, DEC, ffn_dim=FFN, eps=1.0), seed=4).eval()
-    cfg, state = heads.import_classifier({k: v.numpy() for k, v in ref.state_dict().items()})
+    cfg, state = head_checkpoints.import_classifier({k: v.numpy() for k, v in ref.state_dict().items()})
     cfg = cfg.replace(norm_eps=1.0)
     feats = head_inputs(_blocks(seed=6))
     logits = classifier_from_state(cfg, state)(feats)
@@ -281,7 +287,7 @@ def test_linear_probe_matches_torch_linear(avgpool):
     feats = head_inputs(_blocks())
     lin = torch.nn.Linear(cfg.in_features, K)
     sd = {k: v.detach().numpy() for k, v in lin.state_dict().items()}
-    _, state = heads.import_classifier({f"linear.{k}": v for k, v in sd.items()}, avgpool=avgpool)
+    _, state = head_checkpoints.import_classifier({f"linear.{k}": v for k, v in sd.items()}, avgpool=avgpool)
     x = np.concatenate([feats["cls"], feats["avgpool"]], -1) if avgpool else np.asarray(feats["cls"])
     with torch.no_grad():
         want = lin(torch.from_numpy(np.array(x))).numpy()

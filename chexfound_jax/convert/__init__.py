@@ -4,7 +4,7 @@ Backbones (with DINO/iBOT heads) go through `pytorch`; GLoRI and linear classifi
 official `classifiers_dict.<name>.*` layout, through `heads`.
 """
 
-from chexfound_jax.convert.heads import export_classifier, import_classifier
+from chexfound_jax.convert.head_checkpoints import export_classifier, import_classifier
 from chexfound_jax.convert.layouts import LAYOUTS, ConversionError
 from chexfound_jax.convert.pytorch import export_state_dict, import_state_dict
 

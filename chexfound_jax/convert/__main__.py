@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 
 from chexfound_jax import cli
-from chexfound_jax.convert import heads, layouts, pytorch, torch_io
+from chexfound_jax.convert import head_checkpoints, layouts, pytorch, torch_io
 from chexfound_jax.models import classifiers, weights
 from chexfound_jax.models.vit import count_params
 
@@ -35,15 +35,15 @@ def head_class_names(spec: str, num_classes: int) -> list[str]:
 def head_to_jax(
     obj: dict, out: str, name: str | None, num_heads: int, views: int = 1, classes: str | None = None
 ) -> None:
-    name, sd = heads.read_head_file(obj, name)
-    parsed = heads.parse_head_name(name) if name else {}
-    cfg, state = heads.import_classifier(
+    name, sd = head_checkpoints.read_head_file(obj, name)
+    parsed = head_checkpoints.parse_head_name(name) if name else {}
+    cfg, state = head_checkpoints.import_classifier(
         sd,
         n_blocks=parsed.get("n_blocks", 4),
         avgpool=parsed.get("avgpool", False),
         num_heads=num_heads,
         views=views,
-        where=f"{heads.PREFIX}{name}." if name else "",
+        where=f"{head_checkpoints.PREFIX}{name}." if name else "",
     )
     metadata = {"head_name": name, "lr": parsed["lr"]} if name else {}
     if classes:
@@ -54,8 +54,8 @@ def head_to_jax(
 
 def head_to_pytorch(checkpoint: str, out: str, default_lr: float) -> None:
     cfg, state, metadata = classifiers.load_classifier(checkpoint)
-    name = heads.head_name(float(metadata.get("lr", default_lr)), cfg.n_blocks, cfg.avgpool)
-    heads.write_head_file(out, name, heads.export_classifier(cfg, state))
+    name = head_checkpoints.head_name(float(metadata.get("lr", default_lr)), cfg.n_blocks, cfg.avgpool)
+    head_checkpoints.write_head_file(out, name, head_checkpoints.export_classifier(cfg, state))
     logging.info("wrote %s: %s head %s", out, cfg.kind, name)
 
 
@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
     try:
         if flags.FLAGS.to == "jax":
             obj = torch_io.read_checkpoint(flags.FLAGS.checkpoint)
-            if heads.is_head_checkpoint(obj):
+            if head_checkpoints.is_head_checkpoint(obj):
                 head_to_jax(
                     obj,
                     flags.FLAGS.out,
