@@ -220,7 +220,7 @@ def touch(root: pathlib.Path, relpath: str) -> None:
 
 def same(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     """Label tuples equal, NaN matching NaN."""
-    return len(a) == len(b) and all((math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b))
+    return len(a) == len(b) and all((math.isnan(x) and math.isnan(y)) or x == y for x, y in zip(a, b, strict=True))
 
 
 def by_id(items: list) -> dict:

@@ -33,7 +33,7 @@ def test_splash_matches_xla_forward_and_grads(t: int, block_size: int) -> None:
     out, grads = _value_and_grads("splash", block_size, q, k, v)
     assert out.shape == q.shape and out.dtype == q.dtype
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
-    for name, grad, ref in zip("qkv", grads, ref_grads):
+    for name, grad, ref in zip("qkv", grads, ref_grads, strict=True):
         np.testing.assert_allclose(grad, ref, rtol=1e-4, atol=1e-5, err_msg=f"d{name}")
 
 

@@ -217,7 +217,7 @@ def test_uint16_records_are_rounded_to_8_bits():
     img16 = np.clip(img.astype(np.int64) * 257 + noise, 0, 65535).astype(np.uint16)  # rounds back to img
     got = augment.geometric(img16, np.random.default_rng(3), TINY)
     want = augment.geometric(img, np.random.default_rng(3), TINY)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(augment.to_uint8(img[..., None]), img)
 
@@ -305,7 +305,7 @@ def test_jitter_equals_pil_image_enhance_bit_for_bit():
         fc = rng.uniform(0.6, 1.4, 8).astype(np.float32)
         p = _params(8, jitter=True, brightness=fb, contrast=fc, brightness_first=order)
         want = []
-        for c, b, k in zip(crops, fb, fc):
+        for c, b, k in zip(crops, fb, fc, strict=True):
             im = Image.fromarray(c)
             if order:
                 im = ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(float(b))).enhance(float(k))

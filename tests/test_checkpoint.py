@@ -22,7 +22,7 @@ DATA_STATE = {"next_index": 37, "worker_states": [{"seed": 3, "pos": [1, 2]}], "
 def _leaves_equal(a, b):
     """Same tree, and every leaf bitwise equal with the same dtype."""
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True):
         x, y = np.asarray(x), np.asarray(y)
         assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
 
@@ -74,7 +74,10 @@ def test_resume_is_bitwise_exact(cfg, training, run):
         state, _ = training.step(state, batch)
     got = jax.device_get(state)
     assert int(got.step) == 4
-    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got.student), jax.tree.leaves(saved.student))]
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(got.student), jax.tree.leaves(saved.student), strict=True)
+    ]
     assert sum(changed) > len(changed) // 2  # the two steps after the save really moved the parameters
     _leaves_equal(got, want)
 
@@ -86,7 +89,7 @@ def test_restore_onto_a_smaller_mesh(cfg, run):
     with Checkpointer(directory, save_every=2, keep_last=3) as ckpt:
         state, _, _ = ckpt.restore(2, abstract_state=training.abstract_state, shardings=training.state_shardings)
     _leaves_equal(state, saved)
-    for x, want in zip(jax.tree.leaves(state), jax.tree.leaves(training.state_shardings)):
+    for x, want in zip(jax.tree.leaves(state), jax.tree.leaves(training.state_shardings), strict=True):
         assert x.sharding == want
         assert x.sharding.mesh.devices.size == 4
     kernel = state.student["backbone"]["blocks"][0]["attn"]["qkv"]["kernel"]

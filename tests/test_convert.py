@@ -20,7 +20,7 @@ def _equal_trees(a, b):
     la, ta = jax.tree.flatten(a)
     lb, tb = jax.tree.flatten(b)
     assert ta == tb
-    return all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(la, lb))
+    return all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
 
 
 @pytest.fixture(scope="module")

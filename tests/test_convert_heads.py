@@ -40,7 +40,7 @@ def golden_head(golden_file):
 def _same_tree(a, b):
     fa, ta = jax.tree.flatten(a)
     fb, tb = jax.tree.flatten(b)
-    return ta == tb and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(fa, fb))
+    return ta == tb and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(fa, fb, strict=True))
 
 
 def _random_state(cfg, seed=0):

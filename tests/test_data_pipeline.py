@@ -49,7 +49,7 @@ def take(it, n):
 
 def assert_batches_equal(a, b):
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)
@@ -141,7 +141,7 @@ def test_processes_read_disjoint_records_covering_each_epoch():
     orders = [pipeline.record_order(n, 7, p, procs) for p in range(procs)]
     per_epoch = [-(-(n - p) // procs) for p in range(procs)]
     for epoch in range(2):
-        seen = [[int(o[epoch * k + i]) for i in range(k)] for o, k in zip(orders, per_epoch)]
+        seen = [[int(o[epoch * k + i]) for i in range(k)] for o, k in zip(orders, per_epoch, strict=True)]
         flat = [r for s in seen for r in s]
         assert sorted(flat) == list(range(n)), epoch  # disjoint and covering
     assert [int(orders[0][i]) for i in range(per_epoch[0])] != [

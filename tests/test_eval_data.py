@@ -70,7 +70,7 @@ def test_train_batches_are_deterministic_labelled_and_resume_exactly(dataset):
     ds = classification.train_batches(recs, t, batch_size=4, seed=5)
     first = [ds[i] for i in range(7)]  # crosses the epoch boundary (5 batches per epoch)
     again = classification.train_batches(recs, t, batch_size=4, seed=5)[3:7]
-    for a, b in zip(first[3:], again):
+    for a, b in zip(first[3:], again, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["row"], b["row"])
     epoch = np.concatenate([b["row"] for b in first[:5]])

@@ -248,7 +248,7 @@ def test_bootstrap_does_not_depend_on_chunking(monkeypatch):
     monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", 1)  # one replicate per chunk
     chunked = metrics.classification_metrics(labels, probs, ["a", "b"], n_bootstrap=25, seed=2)
     for entry, ref in [
-        *zip(chunked["classes"].values(), whole["classes"].values()),
+        *zip(chunked["classes"].values(), whole["classes"].values(), strict=True),
         (chunked["macro"], whole["macro"]),
     ]:
         for key in ("auroc_ci", "ap_ci"):  # same draws; only float summation order may differ

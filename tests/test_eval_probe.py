@@ -138,7 +138,7 @@ def test_resumed_training_is_bitwise_the_uninterrupted_run(features, mesh, recor
         resumed = loop.fit(feeder, bank, bank.init(99, total), records, seed=3, steps=total, log=log, checkpointer=ckpt)
     assert (tmp_path / "3.damaged").is_dir() == damaged
     assert log["note"] == "x" and [s for s, _ in log["losses"]][-1] == total  # the saved log came back and grew
-    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -40,7 +40,7 @@ def patients_of(table: LabelTable) -> set:
 def positive_patients(table: LabelTable) -> dict:
     """{patient: bool vector of classes with a positive image}."""
     out = {}
-    for p, row in zip(table.patient_id, table.labels):
+    for p, row in zip(table.patient_id, table.labels, strict=True):
         out[p] = out.get(p, np.zeros(len(row), bool)) | (row == 1)
     return out
 

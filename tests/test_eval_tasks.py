@@ -180,7 +180,7 @@ def test_read_metadata_is_fast_on_a_few_thousand_records(tmp_path):
         f"decode_record: {slow / n * 1e6:.0f} us/record ({slow / fast:.0f}x slower)"
     )
     assert len(meta["image_id"]) == n
-    for i, rec in zip(sample, decoded):
+    for i, rec in zip(sample, decoded, strict=True):
         assert meta["image_id"][i] == rec["image_id"] and meta["patient_id"][i] == rec["patient_id"]
         np.testing.assert_array_equal(meta["labels"][i], rec["labels"])
 
@@ -231,7 +231,7 @@ def test_policies_and_columns_on_shards(shards, uncertain, missing, virus_values
     for table in out.values():
         assert table.labels.dtype == np.float32 and table.labels.shape == (len(table), 2)
         assert table.class_names == ("Viral", "Pneumonia")
-        for image_id, row in zip(table.image_id, table.labels):
+        for image_id, row in zip(table.image_id, table.labels, strict=True):
             e = want[image_id]
             viral = 0.0 if (np.isnan(e["virus"]) and missing == "zeros") else virus_values.get(e["virus"], NAN)
             np.testing.assert_array_equal(row, [viral, e["pneumonia"]], err_msg=image_id)
@@ -308,7 +308,7 @@ def test_holdout_splits_are_patient_disjoint_and_cover_the_shard_split(shards):
         np.testing.assert_array_equal(t.path, meta["path"][t.record_index])
     # Balanced by image count: within one patient's images (2) of each share.
     n = len(rows)
-    for t, f in zip(out.values(), (0.5, 0.25, 0.25)):
+    for t, f in zip(out.values(), (0.5, 0.25, 0.25), strict=True):
         assert abs(len(t) - f * n) <= 2, (len(t), f * n)
 
 
@@ -459,7 +459,7 @@ def test_second_views_on_hand_written_studies():
         (1, "mimic", "p1", "s1", "pa "),  # 7: the same view (case, blanks) -> the first other record, 6
         (0, "chexpert", "p1", "s1", "PA"),  # 8: another source -> itself
     ]
-    d, src, pat, study, view = zip(*rows)
+    d, src, pat, study, view = zip(*rows, strict=True)
     meta = {
         "record_index": np.arange(len(rows), dtype=np.int64),
         "dataset": np.array(d, np.int32),
@@ -493,6 +493,9 @@ def test_multiview_tables_pair_each_row_with_its_study(tmp_path):
     table = tasks.load_task([ds], task, splits=("train",))["train"]
     meta = tasks.read_metadata([ds], "train")
     by_record = lambda r: meta["path"][r]
-    pairs = {os.path.basename(p): os.path.basename(by_record(s)) for p, s in zip(table.path, table.second_record)}
+    pairs = {
+        os.path.basename(p): os.path.basename(by_record(s))
+        for p, s in zip(table.path, table.second_record, strict=True)
+    }
     assert pairs == {files[0]: files[1], files[3]: files[2], files[4]: files[4], files[5]: files[5]}
     assert tasks.load_task([ds], dataclasses.replace(task, multiview=False), ("train",))["train"].second_record is None

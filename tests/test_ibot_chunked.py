@@ -111,7 +111,7 @@ def test_matches_whole(centering, temp, groups):
     (ref, ref_center), ref_grads = value_and_grads(whole(x, temp, centering), x)
     (got, got_center), got_grads = value_and_grads(chunked(x, temp, centering), x)
     np.testing.assert_allclose(got, ref, rtol=1e-5)
-    for g, r in zip(got_grads, ref_grads):
+    for g, r in zip(got_grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(r))))
     # Padding rows get no gradient.
     assert not jnp.any(got_grads[0][~x["valid"]])
@@ -181,10 +181,10 @@ def test_sharded_over_groups():
 
     args = [x[k] for k in ("student_z", "student_w", "teacher_z", "teacher_w", "valid", "weights")]
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), in_shardings=(rows, rep, rows, rep, rows, rows))
-    placed = [jax.device_put(a, s) for a, s in zip(args, (rows, rep, rows, rep, rows, rows))]
+    placed = [jax.device_put(a, s) for a, s in zip(args, (rows, rep, rows, rep, rows, rows), strict=True)]
     (got, got_grads), (ref, ref_grads) = fn(*placed), jax.value_and_grad(loss, argnums=(0, 1))(*args)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
-    for g, r in zip(got_grads, ref_grads):
+    for g, r in zip(got_grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
     hlo = fn.lower(*placed).compile().as_text()
     assert "all-gather" not in hlo

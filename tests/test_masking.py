@@ -79,8 +79,8 @@ def test_block_mask_is_union_of_accepted_rectangles(grid_hw):
         new, union = replay(boxes, grid_hw)
         np.testing.assert_array_equal(union, mask)
         assert mask.sum() == sum(new) <= target
-        remaining = target - np.cumsum([0, *new[:-1]])
-        assert all(0 < n <= min(r, max_patches) for n, r in zip(new, remaining))
+        remaining = target - np.cumsum([0, *new])[:-1]  # before each rectangle (none: an empty mask)
+        assert all(0 < n <= min(r, max_patches) for n, r in zip(new, remaining, strict=True))
         for top, left, h, w in boxes:
             assert 1 <= h < grid_hw[0] and 1 <= w < grid_hw[1]
             assert 0 <= top <= grid_hw[0] - h and 0 <= left <= grid_hw[1] - w

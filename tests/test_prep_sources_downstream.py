@@ -344,7 +344,7 @@ def read_records(ds_dir: pathlib.Path, info: dict) -> dict[str, dict]:
 def test_build_jsrt_end_to_end(tmp_path):
     root = tmp_path / "JSRT"
     write_jsrt_raw(root / "All247images" / "JPCLN001.IMG", np.asarray(Image.open(NIH_PNG)))
-    for name, png in zip(("JPCLN002", "JPCNN001", "JPCNN002"), kermany_pngs(3)):
+    for name, png in zip(("JPCLN002", "JPCNN001", "JPCNN002"), kermany_pngs(3), strict=True):
         shutil.copy(png, root / "All247images" / f"{name}.png")
     info = local_runner.run_local(get_source("jsrt", root), tmp_path / "out", OPTIONS, workers=1, progress=False)
     ds_dir = writers.dataset_dir(tmp_path / "out", "jsrt")
@@ -368,7 +368,7 @@ def test_build_cxr_lt_end_to_end(tmp_path):
     root, meta = tmp_path / "mimic", tmp_path / "cxr-lt-2024"
     splits = {"train": (D[0], D[1]), "development": (D[4],), "test": (D[6],)}
     labels = {D[0]: one_hot("Pneumonia"), D[1]: one_hot("Normal", "Support Devices"), D[4]: one_hot("Tuberculosis")}
-    for dicom, png in zip(IDS, kermany_pngs(len(IDS))):
+    for dicom, png in zip(IDS, kermany_pngs(len(IDS)), strict=True):
         if dicom in (D[0], D[1], D[4], D[6]):
             (root / mimic_path(dicom)).parent.mkdir(parents=True, exist_ok=True)
             Image.open(png).save(root / mimic_path(dicom), quality=95)

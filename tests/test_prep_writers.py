@@ -205,7 +205,7 @@ def test_disjoint_shard_sets_equal_one_run(tmp_path):
     two = writers.dataset_dir(tmp_path / "two", NAME)
     writers.write_split(data, lambda r: r, ds_dir=two, shards=[2], **split)
     writers.write_split(data, lambda r: r, ds_dir=two, shards=[0, 1], **split)
-    for a, b in zip(writers.shard_paths(one, **split), writers.shard_paths(two, **split)):
+    for a, b in zip(writers.shard_paths(one, **split), writers.shard_paths(two, **split), strict=True):
         assert a.read_bytes() == b.read_bytes()
 
 
@@ -238,7 +238,7 @@ def test_array_record_reads_back_through_tfds_and_grain(tmp_path):
     source = grain.sources.ArrayRecordDataSource(paths)
     got = list(grain.MapDataset.source(source).map(records.decode_record))
     assert len(got) == len(want)
-    for g, ex in zip(got, want):
+    for g, ex in zip(got, want, strict=True):
         assert_same(g, ex)
     test_source = builder.as_data_source(split="test", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     for i, ex in enumerate(test_examples):
@@ -344,7 +344,7 @@ def test_interrupted_shard_is_never_visible_and_rerun_is_identical(tmp_path, fil
 
     info = writers.write_split(data, lambda r: r, ds_dir=ds_dir, **split)  # resumes: shard 0 is kept
     assert [info[s].num_records for s in range(3)] == [3, 3, 3]
-    for a, b in zip(writers.shard_paths(fresh, **split), paths):
+    for a, b in zip(writers.shard_paths(fresh, **split), paths, strict=True):
         assert a.read_bytes() == b.read_bytes()
 
 
@@ -376,7 +376,7 @@ def test_killed_writer_leaves_only_staging_and_resume_is_identical(tmp_path):
     writers.write_dataset_info(ds_dir, features=records.record_features(), label_names=LABELS)
     fresh = writers.dataset_dir(tmp_path / "fresh", NAME)
     writers.write_split(data, lambda r: r, ds_dir=fresh, split="train", num_shards=2)
-    for a, b in zip(writers.shard_paths(fresh, "train", 2, "array_record"), paths):
+    for a, b in zip(writers.shard_paths(fresh, "train", 2, "array_record"), paths, strict=True):
         assert a.read_bytes() == b.read_bytes()
     assert tfds.builder_from_directory(ds_dir).info.splits["train"].shard_lengths == [3, 3]
 
@@ -391,6 +391,6 @@ def test_remote_path_branch_stages_locally_then_copies(tmp_path, monkeypatch):
     remote = writers.dataset_dir(tmp_path / "remote", NAME)
     info = writers.write_split(data, lambda r: r, ds_dir=remote, **split)
     assert [info[s].num_records for s in range(2)] == [3, 2]
-    for a, b in zip(writers.shard_paths(local, **split), writers.shard_paths(remote, **split)):
+    for a, b in zip(writers.shard_paths(local, **split), writers.shard_paths(remote, **split), strict=True):
         assert a.read_bytes() == b.read_bytes()
     assert list((remote / writers.INCOMPLETE_DIR).iterdir()) == []

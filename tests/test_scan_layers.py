@@ -27,7 +27,7 @@ BATCH, GROUPS = 8, 2  # drop path keeps 2 of the 4 rows of each group
 
 def _close(got, want, rtol=1e-6, atol=1e-6):
     assert jax.tree.structure(got) == jax.tree.structure(want)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 

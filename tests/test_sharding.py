@@ -53,7 +53,7 @@ def test_data_parallel_replicates_every_parameter():
 def test_fsdp_shards_every_large_parameter():
     shard = _shardings(sharding.FSDP_RULES, {"fsdp": -1})
     params = abstract_params(VIT_L)
-    for (path, s), x in zip(jax.tree_util.tree_leaves_with_path(shard), jax.tree.leaves(params)):
+    for (path, s), x in zip(jax.tree_util.tree_leaves_with_path(shard), jax.tree.leaves(params), strict=True):
         if np.prod(x.shape) >= 1 << 16:  # everything but norms, biases, gammas and tokens
             assert "fsdp" in s.spec, jax.tree_util.keystr(path)
     block = shard["backbone"]["blocks"][5]

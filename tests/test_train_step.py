@@ -50,7 +50,7 @@ def test_sharded_step_equals_single_device(cfg, reference, mesh_axes, rules):
     if rules == "fsdp":
         kernel = state.student["backbone"]["blocks"][0]["attn"]["qkv"]["kernel"]
         assert "fsdp" in kernel.sharding.spec  # parameters really are split
-    for batch, want in zip(batches, want_metrics):
+    for batch, want in zip(batches, want_metrics, strict=True):
         state, got = step(state, batch)
         for key in ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"):
             np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=key)
@@ -58,7 +58,9 @@ def test_sharded_step_equals_single_device(cfg, reference, mesh_axes, rules):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-4, err_msg=key)
     got_state = jax.device_get(state)
     for model in ("student", "teacher"):
-        for a, b in zip(jax.tree.leaves(getattr(got_state, model)), jax.tree.leaves(getattr(want_state, model))):
+        for a, b in zip(
+            jax.tree.leaves(getattr(got_state, model)), jax.tree.leaves(getattr(want_state, model)), strict=True
+        ):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # an lr step here is 2.5e-3
     assert step._cache_size() == 1  # compiled once
 
@@ -66,12 +68,12 @@ def test_sharded_step_equals_single_device(cfg, reference, mesh_axes, rules):
 def test_teacher_starts_as_student_then_follows_by_ema(reference):
     """On the reference run (the sharded runs equal it, teacher included)."""
     (before, after, _), metrics, _ = reference
-    for a, b in zip(jax.tree.leaves(before.student), jax.tree.leaves(before.teacher)):
+    for a, b in zip(jax.tree.leaves(before.student), jax.tree.leaves(before.teacher), strict=True):
         np.testing.assert_array_equal(a, b)
     m = float(metrics[0]["momentum"])
     assert m == pytest.approx(0.994)
     moved = 0
-    for t0, t1, s1 in zip(*(jax.tree.leaves(x) for x in (before.teacher, after.teacher, after.student))):
+    for t0, t1, s1 in zip(*(jax.tree.leaves(x) for x in (before.teacher, after.teacher, after.student)), strict=True):
         np.testing.assert_allclose(t1, m * t0 + (1 - m) * s1, rtol=1e-6, atol=1e-7)
         moved += not np.array_equal(t1, t0)
     assert moved > 0 and int(after.step) == 1
@@ -132,7 +134,7 @@ def test_two_processes_equal_single_device(reference, tmp_path):
     env.pop("XLA_FLAGS", None)
     run_processes([[sys.executable, str(worker), str(i), str(port), str(out), "fsdp=8", "fsdp"] for i in range(2)], env)
     got_metrics = json.loads(out.read_text())
-    for got, want in zip(got_metrics, want_metrics):
+    for got, want in zip(got_metrics, want_metrics, strict=True):
         for key in (
             "total_loss",
             "dino_local_crops_loss",
