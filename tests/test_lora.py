@@ -189,6 +189,9 @@ def test_add_lora_refuses_unknown_targets_and_twice(params):
         lora.add_lora(model, CFG, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="bias"):
         lora.LoRAConfig(bias="some")
+    with pytest.raises(ValueError, match="list of module names"):
+        lora.LoRAConfig(target_modules="qkv")
+    assert lora.LoRAConfig(target_modules=["qkv", "proj", "qkv"]) == lora.LoRAConfig()
 
 
 # --- which parameters train ------------------------------------------------------------------------------

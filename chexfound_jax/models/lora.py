@@ -46,7 +46,8 @@ class LoRAConfig:
 
     `target_modules` are PyTorch module names or name suffixes, matched as peft matches them against the
     official module tree (blocks.{i}.attn.qkv, blocks.{i}.attn.proj, blocks.{i}.mlp.w12 / w3 or fc1 / fc2,
-    patch_embed.proj). `bias`: which biases train with the adapter ("lora_only": those of the adapted layers).
+    patch_embed.proj); a set, as peft keeps it, stored sorted. `bias`: which biases train with the adapter
+    ("lora_only": those of the adapted layers).
     """
 
     rank: int = 16
@@ -56,7 +57,9 @@ class LoRAConfig:
     bias: str = "lora_only"
 
     def __post_init__(self):
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.target_modules, str):
+            raise ValueError(f"LoRA target_modules must be a list of module names, got {self.target_modules!r}")
+        object.__setattr__(self, "target_modules", tuple(sorted(set(self.target_modules))))
         if self.rank < 1:
             raise ValueError(f"LoRA rank must be positive, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
