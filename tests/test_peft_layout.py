@@ -98,7 +98,8 @@ def test_import_is_strict_and_names_the_key():
 
 
 @pytest.mark.parametrize(
-    "change", [{"use_dora": True}, {"rank_pattern": {"qkv": 4}}, {"peft_type": "IA3"}, {"target_modules": "qkv"}]
+    "change",
+    [{"use_dora": True}, {"rank_pattern": {"qkv": 4}}, {"peft_type": "IA3"}, {"target_modules": "qkv"}, {"bias": "x"}],
 )
 def test_config_that_changes_the_function_is_refused(change):
     with pytest.raises(ConversionError, match="adapter_config.json"):

@@ -73,13 +73,18 @@ def lora_config(config: Mapping[str, Any]) -> LoRAConfig:
     targets = config.get("target_modules")
     if isinstance(targets, str) or not targets:
         raise ConversionError(f"{CONFIG_NAME}: target_modules must be a list of module names, got {targets!r}")
-    return LoRAConfig(
-        rank=int(config["r"]),
-        alpha=float(config["lora_alpha"]),
-        dropout=float(config.get("lora_dropout", 0.0)),
-        target_modules=tuple(targets),
-        bias=config.get("bias", "none"),
-    )
+    try:
+        return LoRAConfig(
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout", 0.0)),
+            target_modules=tuple(targets),
+            bias=config.get("bias", "none"),
+        )
+    except KeyError as e:
+        raise ConversionError(f"{CONFIG_NAME}: no {e.args[0]!r}") from e
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{CONFIG_NAME}: {e}") from e
 
 
 def _adapter_rule(path: tuple) -> tuple[str, Callable, Callable]:
@@ -145,8 +150,7 @@ def adapter_paths(abstract: Mapping, cfg: LoRAConfig) -> list[tuple]:
 
 def _torch_key(path: tuple, adapted: set[tuple]) -> tuple[str, Callable, Callable]:
     if path[-1] == "bias" and path[:-1] not in adapted:  # bias="all": a layer without adapter keeps its name
-        name, to_torch, from_torch = layouts.backbone_rule(path)
-        return name, to_torch, from_torch
+        return layouts.backbone_rule(path)
     return _adapter_rule(path)
 
 
