@@ -15,7 +15,6 @@ Nothing is asserted: this is a measurement, not a test.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 
 import jax
@@ -23,15 +22,16 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from bench import command_line, timing
+from bench import timing
 from chexfound_jax import cli
 from chexfound_jax.eval.probe import FrozenFeatures, HeadBank, Optimization
 from chexfound_jax.models.build import init_random
 from chexfound_jax.models.classifiers import ClassifierConfig
 from chexfound_jax.models.vit import ARCHS, vit_config
 from chexfound_jax.parallel.mesh import create_mesh
+from data_prep import retired_flags
 
-# old flag -> new (bench.command_line)
+# old flag -> new (data_prep.retired_flags)
 RENAMED = {"resolution": "image_size", "batch": "batch_size", "heads": "num_lrs", "classes": "num_classes"}
 
 
@@ -49,6 +49,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("iters", 5, "Timed iterations.", lower_bound=1, **fv)
     flags.DEFINE_integer("warmup", 1, "Untimed iterations after compilation.", lower_bound=0, **fv)
     flags.DEFINE_list("only", ["features", "heads", "step"], "Which figures to measure.", **fv)
+    for old, new in RENAMED.items():
+        retired_flags.define_renamed(old, new, flag_values=flag_values)
 
 
 def timed(fn, args: tuple, warmup: int, iters: int) -> tuple[float, float]:
@@ -103,5 +105,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    sys.argv = command_line.prepare(sys.argv, RENAMED)
     cli.run(main)

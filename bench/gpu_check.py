@@ -71,7 +71,6 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from jax import monitoring  # noqa: E402
 
-from bench import command_line  # noqa: E402
 from bench.gpu_check_forward import vit_forward  # noqa: E402
 from bench.gpu_check_photometry import finish_on_device  # noqa: E402
 from bench.gpu_check_report import TARGET_BATCH, _failed, _gib, error_text, summary, verdicts  # noqa: E402
@@ -82,6 +81,7 @@ from bench.gpu_check_step import (  # noqa: E402
     train_step_section,
 )
 from chexfound_jax import cli, hardware  # noqa: E402
+from data_prep import retired_flags  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # cudnn:full first: the paper config's own step ("auto" attention is cuDNN on a GPU), which the compile check
@@ -90,7 +90,7 @@ DEFAULT_COMBOS = "cudnn:full,cudnn:dots,xla:dots,xla:full"
 # Smoke: the CPU has no cuDNN (recorded as skipped), then xla with the tiny config's own remat: the step the
 # compile check has just compiled, so the persistent cache serves it and the smoke run stays one step compile.
 SMOKE_COMBOS = "cudnn:dots,xla:<the config's remat>"
-RENAMED = {"json": "out", "batches": "per_device_batches"}  # old flag -> new (bench.command_line)
+RENAMED = {"json": "out", "batches": "per_device_batches"}  # old flag -> new (data_prep.retired_flags)
 Combo = tuple[str, str]  # (attention implementation, remat policy)
 
 
@@ -394,6 +394,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     )
     flags.DEFINE_integer("num_devices", 1, "Devices to use (0: all local ones).", lower_bound=0, **fv)
     flags.DEFINE_bool("no_compile_cache", False, "No persistent compilation cache (GPU mode).", **fv)
+    for old, new in RENAMED.items():
+        retired_flags.define_renamed(old, new, flag_values=flag_values)
 
 
 def main(argv: list[str]) -> None:
@@ -422,5 +424,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    sys.argv = command_line.prepare(sys.argv, RENAMED)
     cli.run(main)

@@ -54,7 +54,6 @@ import pathlib
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -63,9 +62,9 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from bench import command_line
 from bench.cpu_timing import measure, plan, summarize
 from chexfound_jax import cli
+from data_prep import retired_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "pretrain" / "vitl16_512.py"
@@ -73,7 +72,7 @@ KERMANY = REPO / "tests" / "data" / "kermany"
 MASKING_PY = REPO / "chexfound_jax" / "ssl" / "masking.py"
 TORCHVISION_PY = REPO / "bench" / "loader_torchvision.py"  # the torchvision side
 IMPLS = ("ours-device", "ours-host", "torchvision")
-RENAMED = {"json": "out", "batch": "batch_size", "sizes": "crop_sizes"}  # old flag -> new (bench.command_line)
+RENAMED = {"json": "out", "batch": "batch_size", "sizes": "crop_sizes"}  # old flag -> new (data_prep.retired_flags)
 
 # ---------------------------------------------------------------------------------------------------
 # Our side (the dev virtualenv).
@@ -438,6 +437,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("device_repeats", d.device_repeats, "Timed calls of jit(finish_on_device).", **fv)
     flags.DEFINE_string("out", None, "Also write the results to this JSON file.", **fv)
     flags.DEFINE_integer("seed", d.seed, "Sampler seed of the torchvision side.", **fv)
+    for old, new in RENAMED.items():
+        retired_flags.define_renamed(old, new, flag_values=flag_values)
 
 
 def options_from_flags(fv: flags.FlagValues = flags.FLAGS) -> Options:
@@ -473,5 +474,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    sys.argv = command_line.prepare(sys.argv, RENAMED, DEFAULT_CONFIG)
-    cli.run(main)
+    cli.run(main, default_config=DEFAULT_CONFIG)

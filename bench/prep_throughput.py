@@ -49,7 +49,6 @@ import json
 import pathlib
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -62,9 +61,8 @@ from absl import app, flags
 from PIL import Image
 from pydicom.uid import UID
 
-from bench import command_line
 from chexfound_jax import cli
-from data_prep import decode, decode_common, decode_dicom, decode_image, quality, records
+from data_prep import decode, decode_common, decode_dicom, decode_image, quality, records, retired_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -87,7 +85,8 @@ STAGES = ("read+decode", "gates", "display", "resize", "hashes", "png", "seriali
 _J2K = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202")
 _J2K += ("1.2.840.10008.1.2.4.203",)
 _JPEG_LS = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
-RENAMED = {"json": "out", "compress_level": "png_compression"}  # old flag -> new (bench.command_line)
+RENAMED = {"json": "out", "compress_level": "png_compression"}  # old flag -> new (data_prep.retired_flags)
+RENAMED_HOW = {"compress_level": "was replaced by --png_compression=deflate|stored"}  # as data_prep.build says
 
 
 def category(path: str | os.PathLike) -> str:
@@ -346,6 +345,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     compression = list(records.PNG_COMPRESSIONS)
     flags.DEFINE_enum("png_compression", "deflate", compression, "data_prep.build --png_compression.", **fv)
     flags.DEFINE_string("out", None, "Also write every figure and sample to this JSON file.", **fv)
+    for old, new in RENAMED.items():
+        retired_flags.define_renamed(old, new, RENAMED_HOW.get(old, ""), flag_values=flag_values)
 
 
 def bench(files: Sequence[str], fv: flags.FlagValues = flags.FLAGS) -> dict[str, Any]:
@@ -368,5 +369,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    sys.argv = command_line.prepare(sys.argv, RENAMED)
     cli.run(main)

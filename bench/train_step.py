@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import pathlib
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -38,7 +37,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from bench import command_line, timing
+from bench import timing
 from chexfound_jax import cli, hardware
 from chexfound_jax.compile_check import compile_abstract, memory_figures
 from chexfound_jax.data.collate import synthetic_batch
@@ -167,5 +166,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    sys.argv = command_line.prepare(sys.argv, {}, DEFAULT_CONFIG)
-    cli.run(main)
+    cli.run(main, default_config=DEFAULT_CONFIG)

@@ -17,7 +17,6 @@ Nothing is asserted: this is a measurement, not a test.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 
 import jax
@@ -25,13 +24,15 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from bench import command_line, timing
+from bench import timing
 from chexfound_jax import cli
 from chexfound_jax.models.build import init_random
 from chexfound_jax.models.flops import vit_forward_flops
 from chexfound_jax.models.vit import ARCHS, count_params, vit_config
+from data_prep import retired_flags
 
-RENAMED = {"resolution": "image_size", "img_size": "pos_embed_size", "batch": "batch_size"}  # bench.command_line
+# old flag -> new (data_prep.retired_flags)
+RENAMED = {"resolution": "image_size", "img_size": "pos_embed_size", "batch": "batch_size"}
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -52,6 +53,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("iters", 10, "Timed iterations.", lower_bound=1, **fv)
     flags.DEFINE_integer("warmup", 2, "Untimed iterations after compilation.", lower_bound=0, **fv)
     flags.DEFINE_integer("seed", 0, "Weight and input seed.", **fv)
+    for old, new in RENAMED.items():
+        retired_flags.define_renamed(old, new, flag_values=flag_values)
 
 
 def main(argv: list[str]) -> None:
@@ -109,5 +112,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    sys.argv = command_line.prepare(sys.argv, RENAMED)
     cli.run(main)
