@@ -475,7 +475,7 @@ def test_multiview_tables_pair_each_row_with_its_study(tmp_path):
     """Frontal rows kept by the view filter still get their study's lateral as the second view."""
     release = tmp_path / "release"
     (release / "images").mkdir(parents=True)
-    files = sorted(os.listdir(os.path.join(KERMANY, "images")))[:6]
+    files = sorted(f for f in os.listdir(os.path.join(KERMANY, "images")) if f.endswith(".png"))[:6]
     with open(release / "labels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "finding", "patient", "study", "view", "split"])

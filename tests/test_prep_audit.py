@@ -22,7 +22,8 @@ CONSTANT16 = 51400  # 51400 / 65535 * 64 = 50.2 -> bin 50
 
 def real_images() -> list[np.ndarray]:
     """Real chest X-rays, shrunk: Kermany (wide, shorter side 40) and NIH (square, and a tall crop)."""
-    kermany = sorted(os.listdir(os.path.join(DATA, "kermany", "images")))[::4]  # 6 of 24, NORMAL and PNEUMONIA
+    kermany = sorted(f for f in os.listdir(os.path.join(DATA, "kermany", "images")) if f.endswith(".png"))[::4]
+    assert len(kermany) == 6  # 6 of 24, NORMAL and PNEUMONIA
     out = []
     for name in kermany:
         with Image.open(os.path.join(DATA, "kermany", "images", name)) as im:
