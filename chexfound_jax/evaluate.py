@@ -44,7 +44,7 @@ WORKFLOWS = {
 def environment(cfg: Any, checkpoint: str, devices: Sequence[jax.Device] | None = None) -> workflows.Environment:
     """The frozen backbone replicated on the configured mesh, and the batch feeder."""
     vit_cfg, params = load_backbone(checkpoint, cfg.backbone.num_heads)
-    mesh = create_mesh(dict(cfg.mesh), devices)
+    mesh = create_mesh(dict(cfg.parallel.mesh), devices)
     with jax.set_mesh(mesh):
         features = FrozenFeatures(vit_cfg, params, int(cfg.backbone.n_last_blocks), cfg.backbone.dtype)
     backbone = jax.device_put(features.state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))

@@ -13,3 +13,10 @@ def distributed() -> ml_collections.ConfigDict:
             process_id=ml_collections.FieldReference(None, field_type=int),
         )
     )
+
+
+def parallel(mesh: dict[str, int] | None = None, rules: str = "data_parallel") -> ml_collections.ConfigDict:
+    """Where arrays live (chexfound_jax.parallel): mesh axis sizes (-1: the remaining devices) over
+    (data, fsdp[, tensor]) and the rule table mapping logical axis names to them ("data_parallel": every
+    parameter replicated; "fsdp": parameters and optimiser state split over `fsdp`)."""
+    return ml_collections.ConfigDict(dict(mesh=dict(mesh or dict(data=-1, fsdp=1)), rules=rules))

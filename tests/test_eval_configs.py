@@ -29,3 +29,17 @@ def test_paper_protocol_defaults():
     assert tuple(cfg.data.train_scale) == (0.75, 1.0) and cfg.head.cat_cls and cfg.head.decoder_dim == 768
     assert not cfg.refit.warm_start  # the official warm start is a bug; the flag reproduces it
     assert len(tasks.task_from_config(cfg.task).class_names) == 40
+
+
+def test_evaluation_shares_the_pretraining_parallel_and_distributed_sections():
+    """One structure for placement and process joining: the same keys, and the same defaults where the
+    paper recipe does not choose otherwise (pretraining shards ViT-L with FSDP; evaluation starts frozen)."""
+    from configs.pretrain import tiny_cpu, vitl16_512
+
+    ev = importlib.import_module("configs.eval.base").get_config()
+    for pre in (tiny_cpu.get_config(), vitl16_512.get_config()):
+        assert ev.parallel.keys() == pre.parallel.keys() and ev.parallel.mesh.keys() == pre.parallel.mesh.keys()
+        assert ev.distributed.keys() == pre.distributed.keys()
+    assert ev.parallel.to_dict() == tiny_cpu.get_config().parallel.to_dict()
+    assert ev.distributed.to_dict() == vitl16_512.get_config().distributed.to_dict()
+    assert "mesh" not in ev  # the one place is parallel.mesh

@@ -296,9 +296,10 @@ def test_nih(tmp_path, kaggle):
     b = items["00000001_001"]
     assert b.relpath == ("images_001/images/00000001_001.png" if kaggle else "images/00000001_001.png")
     assert (b.patient_id, b.study_id, b.view_position, b.split) == ("1", "00000001_001", "PA", "train_val")
-    assert b.labels == tuple(float(n in ("Cardiomegaly", "Emphysema")) for n in NIH_LABELS)
+    assert src.label_names == (*NIH_LABELS, "No Finding")
+    assert b.labels == (*(float(n in ("Cardiomegaly", "Emphysema")) for n in NIH_LABELS), 0.0)
     c = items["00000002_000"]
-    assert c.split == "test" and c.view_position == "AP" and c.labels == (0.0,) * 14
+    assert c.split == "test" and c.view_position == "AP" and c.labels == (0.0,) * 14 + (1.0,)
     assert [m.relpath for m in src.missing] == ["images/00000003_000.png"]
     assert src.missing[0].labels[NIH_LABELS.index("Hernia")] == 1.0
 

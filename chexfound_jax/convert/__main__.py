@@ -18,15 +18,14 @@ from absl import app, flags, logging
 
 from chexfound_jax import cli
 from chexfound_jax.convert import head_checkpoints, layouts, pytorch, torch_io
+from chexfound_jax.data.classes import TASK_CLASSES
 from chexfound_jax.models import classifiers, weights
 from chexfound_jax.models.vit import count_params
 
 
 def head_class_names(spec: str, num_classes: int) -> list[str]:
     """--head_classes as a list of num_classes names."""
-    from chexfound_jax.eval.tasks import TASKS
-
-    names = list(TASKS[spec].class_names) if spec in TASKS else [n.strip() for n in spec.split(",")]
+    names = list(TASK_CLASSES[spec]) if spec in TASK_CLASSES else [n.strip() for n in spec.split(",")]
     if len(names) != num_classes:
         raise ValueError(f"--head_classes={spec} gives {len(names)} class names for a head of {num_classes} outputs")
     return names

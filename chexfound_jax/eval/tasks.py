@@ -27,9 +27,9 @@ from array_record.python import array_record_module
 from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
 
+from chexfound_jax.data.classes import CHEXPERT_COMPETITION, TASK_CLASSES
 from chexfound_jax.data.pipeline import shard_files
 from data_prep import writers
-from data_prep.sources.nih import NIH_LABELS
 
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 MISSING_POLICIES = ("ignore", "zeros")
@@ -180,18 +180,6 @@ def _holdout_splits(shard_split: str, counts: Sequence[int], names: Sequence[str
     return {n: SplitRule(shard_split, fr, i) for i, n in enumerate(names)}
 
 
-# The 40 CXR-LT 2024 classes in the released head's order (official notebooks/chexfound_example.ipynb).
-CXR_LT_CLASSES = (
-    "Adenopathy", "Atelectasis", "Azygos Lobe", "Calcification of the Aorta", "Cardiomegaly", "Clavicle Fracture",
-    "Consolidation", "Edema", "Emphysema", "Enlarged Cardiomediastinum", "Fibrosis", "Fissure", "Fracture",
-    "Granuloma", "Hernia", "Hydropneumothorax", "Infarction", "Infiltration", "Kyphosis", "Lobar Atelectasis",
-    "Lung Lesion", "Lung Opacity", "Mass", "Nodule", "Normal", "Pleural Effusion", "Pleural Other",
-    "Pleural Thickening", "Pneumomediastinum", "Pneumonia", "Pneumoperitoneum", "Pneumothorax",
-    "Pulmonary Embolism", "Pulmonary Hypertension", "Rib Fracture", "Round(ed) Atelectasis",
-    "Subcutaneous Emphysema", "Support Devices", "Tortuous Aorta", "Tuberculosis",
-)  # fmt: skip
-CHEXPERT_COMPETITION = ("Cardiomegaly", "Edema", "Consolidation", "Atelectasis", "Pleural Effusion")
-
 _CHEXPERT = TaskSpec(
     "chexpert",
     CHEXPERT_COMPETITION,
@@ -207,31 +195,35 @@ _CHEXPERT = TaskSpec(
 #   39,293 labelled development images). Its "test" split (the official CXRLTTest1) is a config override away.
 # - nih: the official lists become shard splits "train_val" (86,524) and "test" (25,596); val is a patient
 #   holdout of train_val sized like the official last 10,002 images (the official cut is by file order).
+#   nih_no_finding: the official binarizer's 15 columns (the 14 findings and No Finding, sorted).
 # - chexpert: CheXpert-v1.0 "train" (frontal: 191,027) and "valid" (202) as val; test: the 518 frontal
 #   images of the CheXpert test set (radiologist labels, released apart from v1.0) as shard split "test".
 #   U-Zeros and NaN -> 0 as the official code; chexpert_uones is the U-Ones variant.
 # - shenzhen / montgomery / jsrt: one shard split "train" (no official split), partitioned by patient with
 #   the official proportions (463/65/134, 96/14/28, 171/24/50). A record without patient id is its own patient.
+_NIH_SPLITS = {**_holdout_splits("train_val", (76_522, 10_002), ("train", "val")), "test": SplitRule("test")}
+
 TASKS: dict[str, TaskSpec] = {
     "cxr_lt": TaskSpec(
         "cxr_lt",
-        CXR_LT_CLASSES,
+        TASK_CLASSES["cxr_lt"],
         splits={**_holdout_splits("train", (207_096, 51_775), ("train", "val")), "test": SplitRule("development")},
     ),
-    "nih": TaskSpec(
-        "nih",
-        NIH_LABELS,
-        splits={**_holdout_splits("train_val", (76_522, 10_002), ("train", "val")), "test": SplitRule("test")},
-    ),
+    "nih": TaskSpec("nih", TASK_CLASSES["nih"], splits=_NIH_SPLITS),
+    "nih_no_finding": TaskSpec("nih_no_finding", TASK_CLASSES["nih_no_finding"], splits=_NIH_SPLITS),
     "chexpert": _CHEXPERT,
     "chexpert_uones": dataclasses.replace(_CHEXPERT, name="chexpert_uones", uncertain="ones"),
     "shenzhen": TaskSpec(
-        "shenzhen", ("Tuberculosis",), splits=_holdout_splits("train", (463, 65, 134), ("train", "val", "test"))
+        "shenzhen", TASK_CLASSES["shenzhen"], splits=_holdout_splits("train", (463, 65, 134), ("train", "val", "test"))
     ),
     "montgomery": TaskSpec(
-        "montgomery", ("Tuberculosis",), splits=_holdout_splits("train", (96, 14, 28), ("train", "val", "test"))
+        "montgomery",
+        TASK_CLASSES["montgomery"],
+        splits=_holdout_splits("train", (96, 14, 28), ("train", "val", "test")),
     ),
-    "jsrt": TaskSpec("jsrt", ("Nodule",), splits=_holdout_splits("train", (171, 24, 50), ("train", "val", "test"))),
+    "jsrt": TaskSpec(
+        "jsrt", TASK_CLASSES["jsrt"], splits=_holdout_splits("train", (171, 24, 50), ("train", "val", "test"))
+    ),
 }
 
 

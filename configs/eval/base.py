@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.metrics = ml_collections.ConfigDict(dict(n_bootstrap=1000, confidence=0.95, seed=0))
     c.report = ml_collections.ConfigDict(dict(plots=True, overlays=4, overlay_classes=3))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1))
+    # The frozen backbone is replicated and the batch split over every device; fine-tuning a ViT-L at 512
+    # shards it like pretraining: --config.parallel.mesh.data=1 --config.parallel.mesh.fsdp=-1
+    # --config.parallel.rules=fsdp.
+    c.parallel = common.parallel()
     c.distributed = common.distributed()
     return c

@@ -11,6 +11,7 @@ bundled paediatric X-rays.
 
 import ml_collections
 
+from configs import common
 from configs.pretrain import vitl16_512
 
 
@@ -28,6 +29,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.update(checkpoint_every=100, keep_last=2, keep_every=0, log_every=10, export_every=100)
     c.data.update(num_workers=0, read_threads=2, read_buffer=4)
     c.distributed.initialize = "never"
-    c.parallel = dict(mesh=dict(data=-1, fsdp=1), rules="data_parallel")
+    c.parallel = common.parallel()
     c.eval_online.update(every=60, batch_size=32, image_size=112)
     return c

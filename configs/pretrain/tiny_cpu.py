@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from configs import common
 from configs.pretrain import vitl16_512
 
 
@@ -20,5 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.update(num_workers=0, read_threads=2, read_buffer=8)
     c.train.update(checkpoint_every=10, keep_last=2, keep_every=0, log_every=5, export_every=50)
     c.distributed.initialize = "never"
-    c.parallel = dict(mesh=dict(data=-1, fsdp=1), rules="data_parallel")
+    c.parallel = common.parallel()
     return c

@@ -144,5 +144,5 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # FSDP over every chip (ZeRO-3: the 6 GiB of parameters and AdamW state split, activations per chip);
     # over several slices, data=<slices> keeps only the batch axis on the data-center network.
-    c.parallel = dict(mesh=dict(data=1, fsdp=-1), rules="fsdp")
+    c.parallel = common.parallel(dict(data=1, fsdp=-1), rules="fsdp")
     return c

@@ -7,7 +7,8 @@ CSV columns: Image Index (00000001_000.png = <Patient ID>_<Follow-up #>), Findin
 "No Finding"), Follow-up #, Patient ID, Patient Age, Patient Gender, View Position (PA or AP),
 OriginalImage[Width,Height], OriginalImagePixelSpacing[x,y]. The bracketed headers contain a comma, so a CSV
 reader sees them split ("OriginalImage[Width", "Height]", ...); only the first seven columns are used.
-Labels: the 14 findings, 1 when named in Finding Labels else 0 (NLP-mined, no uncertainty). Split: "train_val"
+Labels: the 14 findings and "No Finding", 1 when named in Finding Labels else 0 (NLP-mined, no uncertainty;
+the official dataset's binarizer keeps "No Finding" as a 15th column). Split: "train_val"
 or "test" from the official lists ("" when the lists are absent); there is no official validation split.
 Each image is its own study (study_id = image stem).
 """
@@ -36,6 +37,7 @@ NIH_LABELS = (
     "Pleural_Thickening",
     "Hernia",
 )
+NO_FINDING = "No Finding"
 
 
 def image_index(root: epath.Path) -> dict[str, str]:
@@ -56,7 +58,7 @@ def image_index(root: epath.Path) -> dict[str, str]:
 
 class NihChestXray14(Source):
     name = "nih_cxr14"
-    label_names = NIH_LABELS
+    label_names = (*NIH_LABELS, NO_FINDING)
 
     def splits(self) -> dict[str, str]:
         out = {}
