@@ -90,6 +90,22 @@ class PrepOptions:
         return d
 
 
+def recorded_options(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """Options a manifest or build.json records, as PrepOptions.to_json names them today, so that a build made
+    before an option changed is not taken for one made with other options (and rebuilt for nothing).
+
+    compress_level (an int) became png_compression: Z_RLE ignores the zlib level, so levels 1-9 and -1 (zlib's
+    default, 6) wrote the very bytes of png_compression=deflate. Level 0 stored Paeth-filtered rows, which
+    neither option writes (stored has no filter): it stays an option no build matches.
+    """
+    options = dict(recorded)
+    level = options.get("compress_level")
+    if "png_compression" not in options and isinstance(level, int) and level != 0 and -1 <= level <= 9:
+        del options["compress_level"]
+        options["png_compression"] = "deflate"
+    return options
+
+
 @dataclasses.dataclass(frozen=True)
 class ItemResult:
     """What the transform made of item `index`: a serialized record, or a reason it made none."""
@@ -376,7 +392,7 @@ def finished_build(ds_dir: epath.Path, options: PrepOptions) -> dict[str, Any] |
     if not path.exists():
         return None
     info = json.loads(path.read_text())
-    if info["options"] != options.to_json():
+    if recorded_options(info["options"]) != options.to_json():
         raise ValueError(f"{ds_dir} was built with other options {info['options']}; use --overwrite to rebuild")
     return info
 

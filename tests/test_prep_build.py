@@ -1,6 +1,7 @@
 """data_prep.build: counts that reconcile, deterministic shards, crash resume, cross-source dedup, Beam == local."""
 
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -263,6 +264,42 @@ def test_crash_during_shard_writing_resumes(built, release, tmp_path):
     build(release, tmp_path)
     assert shard_bytes(d) == shard_bytes(ds(out))
     assert not (d / writers.INCOMPLETE_DIR).exists()
+
+
+def recorded_before_png_compression(options, compress_level):
+    """The options of a build made when --compress_level (an int) stood where --png_compression is."""
+    recorded = options.to_json()
+    del recorded["png_compression"]
+    return recorded | {"compress_level": compress_level}
+
+
+def test_a_build_recorded_with_compress_level_is_not_rebuilt(tmp_path):
+    """Levels 1-9 (and -1, zlib's default) wrote the bytes of png_compression=deflate: such a build is the one
+    asked for, finished or not. Level 0 (Paeth rows, stored) and another png_compression are other options."""
+    d = ds(tmp_path)
+    d.mkdir(parents=True)
+    stored = dataclasses.replace(OPTIONS, png_compression="stored")
+    for level in (6, 9, 1, -1, 0):
+        manifest = {"name": "kermany", "options": recorded_before_png_compression(OPTIONS, level), "counts": {}}
+        (d / stages.MANIFEST).write_text(json.dumps(manifest))
+        if level:  # a rerun returns the finished build: nothing listed (there is no release), nothing written
+            assert build(str(tmp_path / "no_release"), tmp_path) == manifest
+        else:
+            with pytest.raises(ValueError, match="other options .*use --overwrite"):
+                build(str(tmp_path / "no_release"), tmp_path)
+        with pytest.raises(ValueError, match="other options"):
+            stages.finished_build(d, stored)
+    assert sorted(p.name for p in d.iterdir()) == [stages.MANIFEST]
+
+    # An unfinished one resumes: its build.json reads as the same settings.
+    work = tmp_path / "work"
+    work.mkdir()
+    expected = {"source": "kermany", "options": OPTIONS.to_json(), "chunk_size": 1}
+    old = expected | {"options": recorded_before_png_compression(OPTIONS, 6)}
+    (work / local_runner.BUILD_JSON).write_text(json.dumps(old))
+    local_runner._check_build(work, expected)
+    with pytest.raises(ValueError, match="different \\['options'\\]"):
+        local_runner._check_build(work, expected | {"options": stored.to_json()})
 
 
 def test_cross_source_dedup(tmp_path):
