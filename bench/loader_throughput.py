@@ -429,7 +429,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("batch_size", d.batch_size, "Images per batch (official per-GPU at 512).", lower_bound=1, **fv)
     flags.DEFINE_integer("read_threads", d.read_threads, "grain threads per process (data.read_threads).", **fv)
     flags.DEFINE_integer("read_buffer", d.read_buffer, "grain prefetch buffer per process, in batches.", **fv)
-    flags.DEFINE_string("dataset", None, "A built data_prep dataset (<output>/<name>/<version>).", **fv)
+    flags.DEFINE_string("dataset", None, "A built data_prep dataset (<workdir>/<name>/<version>).", **fv)
     flags.DEFINE_string("split", d.split, "Split of the dataset.", **fv)
     flags.DEFINE_integer("prep_size", d.prep_size, "Shorter side of the bundled Kermany build.", **fv)
     flags.DEFINE_integer("export_limit", d.export_limit, "Records written as PNGs for torchvision.", **fv)
