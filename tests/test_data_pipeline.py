@@ -13,7 +13,7 @@ import pytest
 from etils import epath
 from helpers import run_processes
 
-from chexfound_jax.data import augment, batch_layout, collate, pipeline, preprocess
+from chexfound_jax.data import augment, batch_layout, collate, pipeline
 from chexfound_jax.ssl import masking
 from configs.pretrain import tiny_cpu
 from data_prep import local_runner, records, writers
@@ -199,29 +199,6 @@ def test_bad_record_is_named_or_skipped_and_counted(dataset, tmp_path):
     batches = take(skipping, 3)
     assert sum(int(b["skipped"].sum()) for b in batches) == 1
     assert all(b["global_crops"].shape == batches[0]["global_crops"].shape for b in batches)
-
-
-def test_eval_pipeline_is_ordered_padded_and_matches_preprocess(dataset):
-    source = pipeline.ShardedSource([dataset], "train")
-    ds = pipeline.eval_dataset([dataset], "train", batch_size=5, resize_size=80, crop_size=64)
-    batches = [ds[i] for i in range(len(ds))]
-    assert len(batches) == 5  # 24 records -> 25 slots
-    index = np.concatenate([b["index"] for b in batches])
-    valid = np.concatenate([b["valid"] for b in batches])
-    assert index[:24].tolist() == list(range(24)) and index[24] == -1
-    assert valid[:24].all() and not valid[24]
-    rec = records.decode_record(source[7])
-    from PIL import Image
-
-    want = preprocess.preprocess_image(Image.fromarray(rec["image"]).convert("RGB"), resize_size=80, crop_size=64)
-    np.testing.assert_array_equal(batches[1]["image"][2], want)
-    np.testing.assert_array_equal(batches[1]["labels"][2], rec["labels"])
-    assert np.isnan(batches[4]["labels"][4]).all()
-    # Two processes split the padded list: disjoint, same number of batches each.
-    halves = [pipeline.eval_dataset([dataset], "train", batch_size=4, process_index=p, process_count=2) for p in (0, 1)]
-    assert len(halves[0]) == len(halves[1]) == 3
-    got = sorted(int(i) for h in halves for k in range(len(h)) for i in h[k]["index"] if i >= 0)
-    assert got == list(range(24))
 
 
 def test_augment_config_follows_the_config(dataset):

@@ -41,9 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from PIL import Image
 
-from chexfound_jax.data import augment, batch_layout, preprocess
+from chexfound_jax.data import augment, batch_layout
 from chexfound_jax.ssl import masking
 from data_prep import records, writers
 
@@ -366,55 +365,3 @@ class DeviceIterator:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-
-
-# --- evaluation ------------------------------------------------------------------------------------
-
-
-def _eval_example(index: int, source: ShardedSource, n: int, size: int, crop: int) -> dict:
-    if index >= n:  # padding so every process and batch is full
-        return {
-            "image": np.zeros((crop, crop, 3), np.float32),
-            "labels": None,
-            "index": np.int64(-1),
-            "valid": np.bool_(False),
-        }
-    image, labels = decode_image(source, index)
-    x = preprocess.preprocess_image(Image.fromarray(image).convert("RGB"), resize_size=size, crop_size=crop)
-    return {"image": x, "labels": labels, "index": np.int64(index), "valid": np.bool_(True)}
-
-
-def _stack_eval(examples: Sequence[dict]) -> dict:
-    width = max((len(e["labels"]) for e in examples if e["labels"] is not None), default=0)
-    labels = [e["labels"] if e["labels"] is not None else np.full(width, np.nan, np.float32) for e in examples]
-    return {
-        "image": np.stack([e["image"] for e in examples]),
-        "labels": np.stack(labels).astype(np.float32),
-        "index": np.stack([e["index"] for e in examples]),
-        "valid": np.stack([e["valid"] for e in examples]),
-    }
-
-
-def eval_dataset(
-    datasets: Sequence[epath.PathLike],
-    split: str,
-    *,
-    batch_size: int,
-    resize_size: int = preprocess.RESIZE_SIZE,
-    crop_size: int = preprocess.CROP_SIZE,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.MapDataset:
-    """Deterministic, unshuffled batches of one process: evaluation preprocessing of the official notebook.
-
-    `batch_size` is per process. The record list is padded to a multiple of batch_size * process_count
-    with `valid=False` entries, so every process runs the same number of full batches; `index` is the
-    record's position in the split (-1 for padding) to join predictions back to records.
-    """
-    source = ShardedSource(list(datasets), split)
-    n = len(source)
-    per_round = batch_size * process_count
-    padded = -(-n // per_round) * per_round
-    ds = grain.MapDataset.range(padded)[process_index::process_count]
-    ds = ds.map(lambda i: _eval_example(int(i), source, n, resize_size, crop_size))
-    return ds.batch(batch_size, batch_fn=_stack_eval)
