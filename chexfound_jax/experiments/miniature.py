@@ -1,6 +1,6 @@
 r"""CheXFound in miniature: does the recipe learn on real chest X-rays? One command, resumable.
 
-  python -m chexfound_jax.experiments.miniature --workdir=DIR [--data=DIR] [--config.optim.epochs=...]
+  python -m chexfound_jax.experiments.miniature --workdir=DIR [--data_dir=DIR] [--config.optim.epochs=...]
       [--supervised_steps=0] [--noglori]   # ablations: linear probes of the pretrained arms only
 
 1. The labelled images (default: the 400 paediatric X-rays bundled in tests/data) are split once by
@@ -50,6 +50,7 @@ from chexfound_jax.experiments import head_probe, supervised
 from chexfound_jax.models import weights
 from chexfound_jax.train import recipe
 from chexfound_jax.train import state as state_lib
+from data_prep import retired_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO / "tests" / "data" / "kermany_pediatric_pneumonia"
@@ -355,9 +356,12 @@ def run(
 
 
 def define_flags() -> None:
-    config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Pretraining config (default: mini_cpu).")
+    """The program's flags, defined only when it runs as a program (importing the module claims no flag names)."""
+    help_config = "Pretraining config file (default configs/pretrain/mini_cpu.py); --config.a.b=v overrides."
+    config_flags.DEFINE_config_file("config", None, help_config)
     flags.DEFINE_string("workdir", None, "Output directory (resumable).", required=True)
-    flags.DEFINE_string("data", str(DEFAULT_DATA), "Folder with labels.csv (file, label, patient_id) and images.")
+    flags.DEFINE_string("data_dir", str(DEFAULT_DATA), "Folder with labels.csv (file, label, patient_id) and images.")
+    retired_flags.define_renamed("data", "data_dir")
     flags.DEFINE_integer("supervised_steps", Protocol.supervised_steps, "Steps of the supervised arm (0: none).")
     flags.DEFINE_bool("glori", Protocol.glori_arms, "GLoRI probes (--noglori: linear probes only, for ablations).")
 
@@ -367,11 +371,11 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
         protocol = Protocol(supervised_steps=flags.FLAGS.supervised_steps, glori_arms=flags.FLAGS.glori)
-        run(flags.FLAGS.config, epath.Path(flags.FLAGS.workdir), epath.Path(flags.FLAGS.data), protocol)
+        run(flags.FLAGS.config, epath.Path(flags.FLAGS.workdir), epath.Path(flags.FLAGS.data_dir), protocol)
     except (pretrain.ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"miniature: {e}") from None
 
 
 if __name__ == "__main__":
     define_flags()
-    cli.run(main)
+    cli.run(main, default_config=DEFAULT_CONFIG)
