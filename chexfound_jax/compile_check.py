@@ -1,7 +1,7 @@
 r"""Size a pretraining job before paying for it: compile the real train step for a slice that is not there.
 
   python -m chexfound_jax.compile_check --config=configs/pretrain/vitl16_512.py --topology=v5p-128 \
-      --per_device_batch=32 [--json=fit.json] [--max_batch] [--config.model.remat=full ...]
+      --per_device_batch=32 [--out=fit.json] [--max_batch] [--config.model.remat=full ...]
 
 `--topology` is a Cloud TPU accelerator type (v4-32, v5p-8, v5p-128, v5litepod-16, v6e-8), a JAX
 topology (v5p:2x2x1; `--num_slices` joins several over DCN), or `local` (the devices present: a GPU,
@@ -21,7 +21,6 @@ import json
 import pathlib
 import sys
 import time
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -40,9 +39,10 @@ from chexfound_jax.parallel import hlo_stats  # noqa: E402
 from chexfound_jax.parallel import mesh as mesh_lib  # noqa: E402
 from chexfound_jax.train import flops as flops_lib  # noqa: E402
 from chexfound_jax.train.setup import Training, build_training  # noqa: E402
+from data_prep import retired_flags  # noqa: E402
 
 GIB = 1024**3
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "vitl16_512.py"
+DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "vitl16_512.py"
 
 
 def memory_figures(compiled: jax.stages.Compiled) -> dict[str, int]:
@@ -286,44 +286,36 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _define_flags() -> Any:
-    """The command line's flags; defined only when this module runs as a program, so that importing it
-    (bench/train_step.py does) does not clash with the importer's own --config, --mesh and --rules."""
-    return types.SimpleNamespace(
-        config=config_flags.DEFINE_config_file(
-            "config", str(_DEFAULT_CONFIG), "Pretraining config; --config.a.b=v overrides."
-        ),
-        topology=flags.DEFINE_string(
-            "topology", "local", "v5p-8, v5p-128, v4-32, v5litepod-16, v6e-8, v5p:2x2x1 or local."
-        ),
-        num_slices=flags.DEFINE_integer("num_slices", 1, "TPU slices joined over DCN (multi-slice)."),
-        batch=flags.DEFINE_integer("per_device_batch", 8, "Images per device (global batch = this x devices)."),
-        groups=flags.DEFINE_integer("groups_per_device", 1, "Batch groups (official per-GPU batches) per device."),
-        mesh=flags.DEFINE_string("mesh", None, "Mesh axes, e.g. 'fsdp=-1' or 'data=2,fsdp=-1'; default the config's."),
-        rules=flags.DEFINE_string("rules", None, "Sharding rules (fsdp, data_parallel); default the config's."),
-        max_batch=flags.DEFINE_bool(
-            "max_batch", False, "Search the largest per-device batch that fits (from --per_device_batch)."
-        ),
-        json=flags.DEFINE_string("json", None, "Write the report (or the search's reports) here as JSON."),
-        hlo=flags.DEFINE_string("hlo", None, "Write the optimised HLO text here (the last compile's)."),
-    )
-
-
-_FLAGS: Any = None
+def define_flags() -> None:
+    """The program's flags, defined only when it runs as a program, so that importing the module (bench/train_step.py
+    does) claims no flag names: --config, --mesh and --rules are the importer's own."""
+    help_config = "Pretraining config file (default configs/pretrain/vitl16_512.py); --config.a.b=v overrides."
+    config_flags.DEFINE_config_file("config", None, help_config)
+    flags.DEFINE_string("topology", "local", "v5p-8, v5p-128, v4-32, v5litepod-16, v6e-8, v5p:2x2x1 or local.")
+    flags.DEFINE_integer("num_slices", 1, "TPU slices joined over DCN (multi-slice).")
+    flags.DEFINE_integer("per_device_batch", 8, "Images per device (global batch = this x devices).")
+    flags.DEFINE_integer("groups_per_device", 1, "Batch groups (official per-GPU batches) per device.")
+    flags.DEFINE_string("mesh", None, "Mesh axes, e.g. 'fsdp=-1' or 'data=2,fsdp=-1'; default the config's.")
+    flags.DEFINE_string("rules", None, "Sharding rules (fsdp, data_parallel); default the config's.")
+    flags.DEFINE_bool("max_batch", False, "Search the largest per-device batch that fits (from --per_device_batch).")
+    flags.DEFINE_string("out", None, "Write the report (or the search's reports) to this JSON file.")
+    retired_flags.define_renamed("json", "out")
+    flags.DEFINE_string("hlo", None, "Write the optimised HLO text to this file (the last compile's).")
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    f = _FLAGS
-    cfg = f.config.value
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    cfg = f.config
     try:
-        topo = topology_lib.get_topology(f.topology.value, f.num_slices.value)
-        mesh_axes = mesh_lib.parse_mesh(f.mesh.value) if f.mesh.value else None
+        topo = topology_lib.get_topology(f.topology, f.num_slices)
+        mesh_axes = mesh_lib.parse_mesh(f.mesh) if f.mesh else None
     except (ValueError, RuntimeError) as e:
         raise app.UsageError(str(e)) from None
-    run = lambda b: check(cfg, topo, b, mesh_axes, f.rules.value, f.groups.value, f.hlo.value)
-    if not f.max_batch.value:
-        report = run(f.batch.value)
+    run = lambda b: check(cfg, topo, b, mesh_axes, f.rules, f.groups_per_device, f.hlo)
+    if not f.max_batch:
+        report = run(f.per_device_batch)
         print(format_report(report))
         out: Any = report
     else:
@@ -336,14 +328,14 @@ def main(argv: list[str]) -> None:
                 raise app.UsageError(f"{topo.device_kind}: no HBM capacity known, so --max_batch cannot decide")
             return reports[b]["fits"]
 
-        best = search_max_batch(fits, f.batch.value)
+        best = search_max_batch(fits, f.per_device_batch)
         print(f"largest per-device batch that fits: {best}")
         out = {"max_per_device_batch": best, "reports": [reports[b] for b in sorted(reports)]}
-    if f.json.value:
-        pathlib.Path(f.json.value).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    if f.out:
+        pathlib.Path(f.out).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    _FLAGS = _define_flags()
-    cli.run(main)
+    define_flags()
+    cli.run(main, default_config=DEFAULT_CONFIG)

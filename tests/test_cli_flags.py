@@ -1,15 +1,36 @@
 """Programs define their flags only when run: importing one claims no flag name, and a program rejects the
-flags of another (run_sample used to accept --checkpoint, defined by embed on import)."""
+flags of another (run_sample used to accept --checkpoint, defined by embed on import). One name per role
+in every program (the benches: tests/test_bench_flags.py); an old name ends the program naming the new one."""
 
 import ast
+import json
 import subprocess
 import sys
 
-PROGRAMS = ("chexfound_jax.embed", "chexfound_jax.convert.__main__", "chexfound_jax.run_sample", "data_prep.build")
+PROGRAMS = (
+    "chexfound_jax.pretrain",
+    "chexfound_jax.evaluate",
+    "chexfound_jax.embed",
+    "chexfound_jax.run_sample",
+    "chexfound_jax.compile_check",
+    "chexfound_jax.experiments.miniature",
+    "chexfound_jax.convert.__main__",
+    "data_prep.build",
+    "data_prep.audit",
+)
+# The project's name for a role, and the names it had (or could have) elsewhere: these are retired, if defined.
+ROLES = {
+    "workdir": ("output", "output_dir", "out_dir", "outdir", "logdir"),  # a job's output directory
+    "out": ("json", "output_file", "out_file"),  # a single output file
+    "batch_size": ("batch", "bs"),
+    "image_size": ("resolution", "img_size"),
+    "checkpoint": ("weights", "ckpt", "pretrained_weights"),  # a weights directory or a PyTorch .pth
+    "data_dir": ("data",),
+}
 
 
 def test_importing_a_program_defines_no_flags():
-    own = ("checkpoint", "out", "to", "layout", "batch_size", "workdir", "data_dir", "source", "output")
+    own = ("checkpoint", "out", "to", "layout", "batch_size", "workdir", "data_dir", "source", "output", "config")
     code = "from absl import flags\n" + "".join(f"import {m}\n" for m in PROGRAMS) + "print(sorted(flags.FLAGS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     defined = set(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
@@ -63,3 +84,35 @@ def test_library_info_records_are_dropped_unless_verbose():
         assert keep(record(logging.INFO, library))
     finally:
         absl_logging.set_verbosity(before)
+
+
+def test_every_program_names_each_role_one_way():
+    """Each program's define_flags() run in turn (its flags removed before the next): an old name of a role is
+    only ever a retired flag, which ends the program naming the new one."""
+    code = """import importlib, json, sys
+from absl import flags
+found = {}
+for name in sys.argv[1:]:
+    module = importlib.import_module(name)
+    before = set(flags.FLAGS)
+    module.define_flags()
+    new = sorted(set(flags.FLAGS) - before)
+    found[name] = {f: flags.FLAGS[f].flag_type() for f in new}
+    for f in new:
+        delattr(flags.FLAGS, f)
+print(json.dumps(found))
+"""
+    out = subprocess.run([sys.executable, "-c", code, *PROGRAMS], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(found) == set(PROGRAMS)
+    for program, defined in found.items():
+        for old in (o for olds in ROLES.values() for o in olds):
+            assert defined.get(old, "retired") == "retired", (program, old)
+
+
+def test_an_old_flag_name_ends_the_program_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "chexfound_jax.compile_check", f"--json={tmp_path / 'fit.json'}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip() == "FATAL Flags parsing error: --json was renamed --out"
+    assert not any(tmp_path.iterdir())
