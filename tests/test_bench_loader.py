@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -60,10 +61,19 @@ def test_plan_windows_are_whole_rounds_over_the_workers():
 
 
 def test_tree_cpu_counts_this_process():
-    before = cpu_timing.tree_cpu()
-    sum(i * i for i in range(300_000))
-    after = cpu_timing.tree_cpu()
-    assert os.getpid() in after and cpu_timing.cpu_between(before, after) >= 0
+    start, before = time.process_time(), cpu_timing.tree_cpu()
+    while time.process_time() - start < 0.3:  # 30 clock ticks of CPU work, so the tick rounding is small
+        sum(i * i for i in range(10_000))
+    after, spent = cpu_timing.tree_cpu(), time.process_time() - start
+    assert os.getpid() in after
+    # This process has no children that work meanwhile: the tree's CPU is this process's own CPU time.
+    assert cpu_timing.cpu_between(before, after) == pytest.approx(spent, abs=0.05)
+
+
+def test_cpu_between_counts_new_processes_in_full_and_ignores_ended_ones():
+    before = {1: 2.0, 2: 5.0, 3: 1.0}  # 3 ends in between; 4 starts
+    after = {1: 2.5, 2: 5.25, 4: 0.125}
+    assert cpu_timing.cpu_between(before, after) == 0.5 + 0.25 + 0.125
 
 
 def test_torchvision_side_needs_neither_absl_nor_jax(tmp_path):

@@ -111,8 +111,11 @@ def test_report(runs, rules):
 
     collectives = r["collectives_per_device"]
     assert set(collectives) == set(hlo_stats.COLLECTIVES)
-    for stats in collectives.values():
-        assert set(stats) == {"count", "bytes", "ring_traffic_bytes"} and stats["bytes"] >= 0
+    for kind, stats in collectives.items():
+        assert set(stats) == {"count", "bytes", "ring_traffic_bytes"}
+        assert (stats["count"] == 0) == (stats["bytes"] == 0), (kind, stats)  # every collective moves data
+        # Ring model: an all-reduce sends 2 (n - 1) / n of its buffer, the others (n - 1) / n, a permute all of it.
+        assert 0 <= stats["ring_traffic_bytes"] <= (2 if kind == "all-reduce" else 1) * stats["bytes"], (kind, stats)
     assert collectives["all-reduce"]["count"] > 0  # the global batch's sums and (data parallel) the gradients
     if rules == "fsdp":
         # FSDP gathers the weights it computes with; data parallel has them all.
