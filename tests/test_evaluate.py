@@ -19,8 +19,10 @@ from etils import epath
 from helpers import TINY_HEADS, TINY_TEACHER, run_processes
 from PIL import Image
 
-from chexfound_jax import evaluate
+from chexfound_jax import embed, evaluate
+from chexfound_jax.convert.backbone import load_backbone
 from chexfound_jax.models import classifiers
+from chexfound_jax.models.build import model_from_params
 from configs.eval import tiny_cpu
 
 pytest.importorskip("torch")
@@ -183,7 +185,17 @@ def test_linear_probe_cli_and_predict_on_files(shards, tmp_path):
         rows = list(csv.reader(f))
     assert rows[0] == ["dicom_id", *meta["class_names"]]
     assert [r[0] for r in rows[1:]] == [p.name.rsplit(".", 1)[0] for p in images]
-    assert all(0.0 <= float(v) <= 1.0 for r in rows[1:] for v in r[1:])
+    # By hand: the sigmoid of the head's Linear on the last blocks' CLS tokens, from the same backbone run by
+    # chexfound_jax.embed (not the evaluation feeder), on the same preprocessed files.
+    vit_cfg, backbone = load_backbone(TINY_TEACHER, TINY_HEADS)
+    _, head_params, _ = classifiers.load_classifier(head)
+    features = embed.embed_images(
+        model_from_params(vit_cfg, backbone), images, image_size=64, n_last_blocks=cfg.n_blocks
+    )
+    logits = features["last_blocks_cls"].reshape(len(images), -1) @ head_params["linear"]["kernel"]
+    want = 1 / (1 + np.exp(-(logits + head_params["linear"]["bias"])))
+    got = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)  # the CSV keeps 6 decimals
     summary = json.loads((tmp_path / "predict" / "predict_summary.json").read_text())
     assert summary == {**summary, "inputs": len(images) + 1, "written": len(images), "failed": 1}
     assert "broken.png" in (tmp_path / "predict" / "predict_failures.csv").read_text()

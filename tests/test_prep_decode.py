@@ -7,6 +7,7 @@ import pathlib
 import numpy as np
 import pydicom
 import pytest
+import scipy.fft
 from PIL import Image
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -337,7 +338,11 @@ def test_hashes():
     assert quality.hamming(0b1011, 0b0110) == 3
     image = np.asarray(Image.open(PNGS[0]))
     assert quality.perceptual_hash(image) == quality.perceptual_hash(image.astype(np.uint16) * 257)
-    assert 0 <= quality.perceptual_hash(image) < 2**64
+    # The definition, with scipy's orthonormal 2-D DCT-II: 32x32 box average, the 8x8 lowest frequencies,
+    # each bit "above their median", first row first, most significant bit first.
+    small = np.asarray(Image.fromarray(image.astype(np.float32)).resize((32, 32), Image.Resampling.BOX), np.float64)
+    low = scipy.fft.dctn(small, type=2, norm="ortho")[:8, :8]
+    assert quality.perceptual_hash(image) == int("".join("1" if b else "0" for b in (low > np.median(low)).ravel()), 2)
     assert quality.pixel_sha256(image) != quality.pixel_sha256(image.astype(np.uint16))
     with pytest.raises(ValueError):
         quality.Deduplicator(threshold=64)
