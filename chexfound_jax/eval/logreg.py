@@ -39,9 +39,20 @@ def _objective(z: np.ndarray, y: np.ndarray, theta: np.ndarray, c: float) -> flo
 
 
 def fit(
-    x: np.ndarray, y: np.ndarray, c: float, *, standardize: bool = False, max_iter: int = 100, tol: float = 1e-10
+    x: np.ndarray,
+    y: np.ndarray,
+    c: float,
+    *,
+    standardize: bool = False,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+    init: LogisticModel | None = None,
 ) -> LogisticModel:
-    """The minimiser for labels y in {0, 1}; stops when the Newton decrement is below `tol`."""
+    """The minimiser for labels y in {0, 1}; stops when the Newton decrement is below `tol`.
+
+    `init` (a model fitted on the same rows, e.g. at the previous C of a sweep) is the starting point:
+    the minimiser is the same, reached in fewer Newton steps.
+    """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(np.unique(y)) != 2 or not np.all((y == 0) | (y == 1)):
         raise ValueError("logistic regression needs labels 0 and 1, both present")
@@ -51,7 +62,9 @@ def fit(
     z = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
     reg = np.ones(z.shape[1])
     reg[-1] = 0.0  # the intercept is not penalised
-    theta = np.zeros(z.shape[1])
+    theta = np.zeros(z.shape[1]) if init is None else np.append(init.w, init.b).astype(np.float64)
+    if len(theta) != z.shape[1]:
+        raise ValueError(f"init has {len(theta) - 1} weights for {z.shape[1] - 1} features")
     value = _objective(z, y, theta, c)
     for _ in range(max_iter):
         p = 1.0 / (1.0 + np.exp(-(z @ theta)))
