@@ -8,6 +8,7 @@ import shutil
 import jax
 import pytest
 from etils import epath
+from sklearn.metrics import roc_auc_score
 
 from chexfound_jax.experiments import head_probe, miniature
 from configs.pretrain import tiny_cpu
@@ -66,7 +67,10 @@ def test_miniature_runs_end_to_end_and_resumes(data, tmp_path):
             probe = arm[name]
             assert probe["C"] in miniature.OFFICIAL_C_GRID if name != "glori" else probe["lr"] in glori.lrs
             lo, hi = probe["test_auroc_ci"]
-            assert 0 <= lo <= probe["test_auroc"] <= hi <= 1 and len(probe["scores"]) == results["n_test"]
+            assert len(probe["scores"]) == results["n_test"] == len(results["test_labels"])
+            # The reported AUROC is that of the stored test scores, and its bootstrap interval holds it.
+            assert probe["test_auroc"] == pytest.approx(roc_auc_score(results["test_labels"], probe["scores"]))
+            assert lo <= probe["test_auroc"] <= hi
             same = results["arms"]["random_init"][name]["vs_random_init"]
             assert same["difference"] == 0 and same["ci"] == [0.0, 0.0]
     assert [r["step"] for r in results["knn_curve"]] == [0, 2, 4]
