@@ -119,10 +119,10 @@ def test_bias_all_exports_every_bias():
     assert not [k for k in peft_adapter.export_adapter(_random_adapter(none), none) if k.endswith("bias")]
 
 
+@pytest.mark.torch
 def test_adapted_layers_compute_what_peft_computes():
     """peft's wrapped qkv, proj and patch-embedding conv (r 4, alpha 8, random A and B, eval mode) on the
     golden backbone, against this package's layers holding the imported adapter."""
-    pytest.importorskip("torch")
     from chexfound_jax.convert import import_state_dict, torch_io
 
     with np.load(DATA / "peft_lora_outputs.npz") as f:
