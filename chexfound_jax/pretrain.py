@@ -223,6 +223,103 @@ def init_from(training: Training, state: Any, source: str, pos_embed: str) -> An
     return state.replace(student=student, teacher=teacher)
 
 
+def start_state(cfg: Any, training: Training, ckpt: checkpoint.Checkpointer, lead: bool) -> tuple[int, Any, Any]:
+    """(first step, state, data-iterator state or None): a fresh (or `init_from`) state, or the newest
+    checkpoint that restores whole (a damaged one is named, skipped and kept)."""
+    if ckpt.latest_step() is not None:
+        start, state, data_state, _ = ckpt.restore_newest(
+            abstract_state=training.abstract_state, shardings=training.state_shardings
+        )
+        logging.info("resumed from step %d in %s", start, ckpt.directory)
+        return start, state, data_state
+    state = training.init_state()
+    if cfg.train.init_from:
+        state = init_from(training, state, cfg.train.init_from, cfg.train.init_pos_embed)
+    if lead:
+        student = training.abstract_state.student
+        sizes = ", ".join(f"{name} {count_params(tree):,}" for name, tree in student.items())
+        logging.info("student parameters: %s (the table per leaf with --verbosity=1)", sizes)
+        logging.vlog(1, "parameters:\n%s", logs.parameter_overview(student))
+    return 0, state, None
+
+
+def online_eval(cfg: Any, training: Training) -> OnlineEval | None:
+    """The online evaluation of `eval_online`, or None when it is off."""
+    if not cfg.eval_online.every:
+        return None
+    try:
+        return OnlineEval(
+            cfg.eval_online, training.model_cfg.backbone, training.mesh, training.rules, cfg.crops.global_crops_size
+        )
+    except (ValueError, FileNotFoundError) as e:  # a task or dataset that does not fit: one line, not a trace
+        raise ConfigError(f"eval_online: {e}") from e
+
+
+def input_iterator(cfg: Any, training: Training) -> pipeline.DeviceIterator:
+    """This process's share of the training batches, placed on the devices as the step expects."""
+    crops = training.batch_shardings["global_crops"]
+    groups = training.batch_spec["global_crops"].shape[0]
+    shard, shards = pipeline.process_data_shard(crops, groups)
+    layout = pipeline.train_layout(cfg, batch_shards(training.rules, training.mesh), process_count=shards)
+    dataset = pipeline.training_dataset(cfg, layout, process_index=shard)
+    # One local batch, made in this process (no worker start-up), tells the keys and ranks to shard.
+    probe = next(iter(pipeline.training_dataset(cfg, layout, process_index=shard, num_workers=0)))
+    return pipeline.DeviceIterator(
+        dataset, pipeline.data_shardings(probe, crops), groups, cfg.data.device_prefetch, cfg.train.stall_timeout_s
+    )
+
+
+class StepLog:
+    """What the loop reports at a log point: the step's metrics, throughput and MFU to the writers, and one
+    console line (progress, ETA, loss, MFU); a non-finite loss under on_nonfinite="stop" ends the run."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        training: Training,
+        devices: Sequence[jax.Device],
+        start: int,
+        writer: logs.MetricsWriter,
+        lead: bool,
+    ):
+        self.cfg, self.writer, self.lead = cfg, writer, lead
+        self.images = cfg.train.global_batch_size
+        groups = training.batch_spec["global_crops"].shape[0]
+        # MFU counts the FLOPs the step executes (subset drop path skips rows); the nominal count is logged beside it.
+        self.step_flops = flops.train_flops_per_image(cfg, self.images // groups)
+        self.num_devices = len(devices)
+        self.peak = hardware.peak_flops(devices[0].device_kind, cfg.train.peak_flops or None)
+        self.progress = Progress(cfg.optim.epochs * cfg.optim.epoch_length, start, images_per_step=self.images)
+
+    def check_finite(self, step: int, values: dict[str, float], ckpt: checkpoint.Checkpointer) -> None:
+        if self.cfg.train.on_nonfinite == "stop" and not all(
+            math.isfinite(values[k]) for k in ("total_loss", "grad_norm")
+        ):
+            raise FloatingPointError(
+                f"non-finite loss or gradient at step {step} (loss {values['total_loss']}, grad norm "
+                f"{values['grad_norm']}); last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
+            )
+
+    def write(self, step: int, values: dict[str, float]) -> dict[str, Any]:
+        """Logs a log point's values (plus throughput once a rate exists); returns them with the step."""
+        line = self.progress.tick(step)
+        step_time = self.progress.interval_step_time_s  # None at the baseline tick: no rate yet
+        if step_time:
+            values |= flops.throughput_metrics(
+                self.images,
+                self.step_flops["executed_total"],
+                step_time,
+                self.num_devices,
+                self.peak,
+                nominal_flops_per_image=self.step_flops["total"],
+            )
+        self.writer.write_scalars(step, values)
+        if self.lead:
+            mfu = f" | MFU {100 * values['mfu']:.1f}%" if "mfu" in values else ""
+            logging.info("%s | loss %.4f%s", line, values["total_loss"], mfu)
+        return {"step": step, **values}
+
+
 def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
     """Runs (or resumes) the job to cfg's last step or a preemption; returns the last logged metrics."""
     workdir = epath.Path(workdir)
@@ -241,61 +338,25 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
         keep_last=cfg.train.keep_last,
         keep_every=cfg.train.keep_every or None,
     )
-    crops = training.batch_shardings["global_crops"]
-    groups = training.batch_spec["global_crops"].shape[0]
-    shard, shards = pipeline.process_data_shard(crops, groups)
-    layout = pipeline.train_layout(cfg, batch_shards(training.rules, training.mesh), process_count=shards)
-    dataset = pipeline.training_dataset(cfg, layout, process_index=shard)
-
-    if ckpt.latest_step() is None:
-        state = training.init_state()
-        if cfg.train.init_from:
-            state = init_from(training, state, cfg.train.init_from, cfg.train.init_pos_embed)
-        data_state = None
-        start = 0
-        if lead:
-            student = training.abstract_state.student
-            sizes = ", ".join(f"{name} {count_params(tree):,}" for name, tree in student.items())
-            logging.info("student parameters: %s (the table per leaf with --verbosity=1)", sizes)
-            logging.vlog(1, "parameters:\n%s", logs.parameter_overview(student))
-    else:  # the newest checkpoint that restores whole (a damaged one is named, skipped and kept)
-        start, state, data_state, _ = ckpt.restore_newest(
-            abstract_state=training.abstract_state, shardings=training.state_shardings
-        )
-        logging.info("resumed from step %d in %s", start, ckpt.directory)
-    online = None
-    if cfg.eval_online.every:
-        try:
-            online = OnlineEval(
-                cfg.eval_online, training.model_cfg.backbone, training.mesh, training.rules, cfg.crops.global_crops_size
-            )
-        except (ValueError, FileNotFoundError) as e:  # a task or dataset that does not fit: one line, not a trace
-            raise ConfigError(f"eval_online: {e}") from e
-        if start == 0:
-            evaluate_online(online, 0, state, writer, lead)  # the initialisation: where the curves start
-    # One local batch, made in this process (no worker start-up), tells the keys and ranks to shard.
-    probe = next(iter(pipeline.training_dataset(cfg, layout, process_index=shard, num_workers=0)))
-    it = pipeline.DeviceIterator(
-        dataset, pipeline.data_shardings(probe, crops), groups, cfg.data.device_prefetch, cfg.train.stall_timeout_s
-    )
-    if data_state is not None:
-        it.set_state(data_state)
-
-    finish = jax.jit(lambda b: pipeline.finish_on_device(b, cfg), out_shardings=training.batch_shardings)
-    step_fn = guarded_step(training.step, cfg.train.on_nonfinite)
-    if cfg.train.on_nonfinite == "skip":
-        step_fn = jax.jit(step_fn, donate_argnums=0)
-    preemption = Preemption()
-    preemption.install()
-    images = cfg.train.global_batch_size
-    # MFU counts the FLOPs the step executes (subset drop path skips rows); the nominal count is logged beside it.
-    step_flops = flops.train_flops_per_image(cfg, images // groups)
-    peak = hardware.peak_flops(devices[0].device_kind, cfg.train.peak_flops or None)
-    progress = Progress(total_steps, start, images_per_step=images)
-    last: dict[str, Any] = {}
-    skipped_total = 0
-    step = start
+    it = None
     try:
+        start, state, data_state = start_state(cfg, training, ckpt, lead)
+        online = online_eval(cfg, training)
+        if online is not None and start == 0:
+            evaluate_online(online, 0, state, writer, lead)  # the initialisation: where the curves start
+        it = input_iterator(cfg, training)
+        if data_state is not None:
+            it.set_state(data_state)
+        finish = jax.jit(lambda b: pipeline.finish_on_device(b, cfg), out_shardings=training.batch_shardings)
+        step_fn = guarded_step(training.step, cfg.train.on_nonfinite)
+        if cfg.train.on_nonfinite == "skip":
+            step_fn = jax.jit(step_fn, donate_argnums=0)
+        preemption = Preemption()
+        preemption.install()
+        log = StepLog(cfg, training, devices, start, writer, lead)
+        last: dict[str, Any] = {}
+        skipped_total = 0
+        step = start
         while step < total_steps:
             if step == cfg.train.profile_start and lead:
                 jax.profiler.start_trace(str(workdir / "profile"))
@@ -315,38 +376,19 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
                 # The run's first step compiled the step function: its end is the timing baseline, so no
                 # throughput window includes the compilation (at a log point the log's tick is the baseline).
                 jax.block_until_ready(m)
-                progress.tick(step)
+                log.progress.tick(step)
             save_now = ckpt.should_save(step) or step == total_steps or stop
             if log_now or save_now or cfg.train.on_nonfinite == "stop":
                 values = {k: float(v) for k, v in jax.device_get(m).items()}
-                if cfg.train.on_nonfinite == "stop" and not all(
-                    math.isfinite(values[k]) for k in ("total_loss", "grad_norm")
-                ):
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient at step {step} (loss {values['total_loss']}, grad norm "
-                        f"{values['grad_norm']}); last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
-                    )
+                log.check_finite(step, values, ckpt)
                 if log_now:
-                    line = progress.tick(step)
-                    values |= {"skipped_records": skipped_total}
-                    step_time = progress.interval_step_time_s  # None at the baseline tick: no rate yet
-                    if step_time:
-                        values |= flops.throughput_metrics(
-                            images,
-                            step_flops["executed_total"],
-                            step_time,
-                            len(devices),
-                            peak,
-                            nominal_flops_per_image=step_flops["total"],
-                        )
-                    writer.write_scalars(step, values)
-                    if lead:
-                        logging.info("%s | loss %.4f", line, values["total_loss"])
-                    last = {"step": step, **values}
+                    last = log.write(step, values | {"skipped_records": skipped_total})
             if online is not None and online.due(step, total_steps):
                 evaluate_online(online, step, state, writer, lead)
             if save_now:
                 ckpt.save(step, state, it.get_state(), cfg.to_dict(), force=True)
+                if lead:
+                    logging.info("checkpoint of step %d in %s", step, ckpt.directory)
             if cfg.train.export_every and (step % cfg.train.export_every == 0 or step == total_steps):
                 export(workdir, step, training.model_cfg, state, lead)
             if stop:
@@ -354,7 +396,8 @@ def train(cfg: Any, workdir: str | epath.Path, devices: Sequence[jax.Device] | N
     finally:
         ckpt.wait()
         ckpt.close()
-        it.close()
+        if it is not None:
+            it.close()
         writer.close()
     return last
 

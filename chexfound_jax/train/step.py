@@ -67,45 +67,50 @@ def _entropy(p: jax.Array) -> jax.Array:
     return -jnp.sum(p * jnp.log(jnp.clip(p, 1e-30)), axis=-1)
 
 
-def make_train_step(
-    cfg: Any, model_cfg: ModelConfig, optimizer: optax.GradientTransformation, schedules: Schedules
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure step for a config; compile it with `compile_train_step`."""
-    graphs = _Graphs(model_cfg)
-    ibot_head = "ibot_head" if model_cfg.ibot_head is not None else "dino_head"
-    n_local = cfg.crops.local_crops_number
-    sinkhorn = cfg.train.centering == "sinkhorn_knopp"
-    if cfg.train.centering not in ("sinkhorn_knopp", "centering"):
-        raise ValueError(f"train.centering must be sinkhorn_knopp or centering, got {cfg.train.centering!r}")
-    # iBOT logits of the masked tokens in row chunks of this size (never whole: at 64 images per chip
-    # one (tokens, 131072) float32 array is 11 GB); 0 computes them whole.
-    ibot_chunk = int(cfg.ibot.get("loss_chunk_size", 0))
+class TrainStep:
+    """The pure step for a config, `(state, batch) -> (state, metrics)`; compile it with `compile_train_step`.
 
-    def teacher_targets(teacher: dict, batch: Batch, temp: jax.Array, centers: dict):
+    A class only to name the step's parts (teacher targets, iBOT term, student loss); it holds no state
+    beyond the config, so calling it is a pure function of its arguments.
+    """
+
+    def __init__(self, cfg: Any, model_cfg: ModelConfig, optimizer: optax.GradientTransformation, schedules: Schedules):
+        if cfg.train.centering not in ("sinkhorn_knopp", "centering"):
+            raise ValueError(f"train.centering must be sinkhorn_knopp or centering, got {cfg.train.centering!r}")
+        self.cfg, self.optimizer, self.schedules = cfg, optimizer, schedules
+        self.graphs = _Graphs(model_cfg)
+        self.ibot_head = "ibot_head" if model_cfg.ibot_head is not None else "dino_head"
+        self.n_local = cfg.crops.local_crops_number
+        self.sinkhorn = cfg.train.centering == "sinkhorn_knopp"
+        # iBOT logits of the masked tokens in row chunks of this size (never whole: at 64 images per chip
+        # one (tokens, 131072) float32 array is 11 GB); 0 computes them whole.
+        self.ibot_chunk = int(cfg.ibot.get("loss_chunk_size", 0))
+
+    def teacher_targets(self, teacher: dict, batch: Batch, temp: jax.Array, centers: dict):
         """DINO targets, and iBOT targets (whole) or the teacher's iBOT features (chunked)."""
         groups, two_b = batch["global_crops"].shape[:2]
-        out = graphs.vit(teacher["backbone"]).forward_features(
+        out = self.graphs.vit(teacher["backbone"]).forward_features(
             batch["global_crops"].reshape(-1, *batch["global_crops"].shape[2:])
         )
         cls = out["x_norm_clstoken"].reshape(groups, 2, two_b // 2, -1)[:, ::-1]  # swap crops: [t2; t1]
-        dino_logits = graphs.head("dino_head", teacher["dino_head"])(cls.reshape(-1, cls.shape[-1]))
+        dino_logits = self.graphs.head("dino_head", teacher["dino_head"])(cls.reshape(-1, cls.shape[-1]))
         dino_logits = activations.constrain_batch(dino_logits)
         patches = _gather_masked(out["x_norm_patchtokens"], groups, batch["mask_indices"])
-        head = graphs.head(ibot_head, teacher[ibot_head])
+        head = self.graphs.head(self.ibot_head, teacher[self.ibot_head])
         valid = batch["mask_valid"].reshape(-1)
-        if ibot_chunk:
+        if self.ibot_chunk:
             ibot_target = {"z": _bottleneck_by_group(head, patches, groups), "w": head.last_layer.weight()}
         else:
             ibot_logits = activations.constrain_batch(head(patches))
-        if sinkhorn:
+        if self.sinkhorn:
             dino_q = losses.sinkhorn_knopp(dino_logits, temp)
-            if not ibot_chunk:
+            if not self.ibot_chunk:
                 ibot_target = losses.sinkhorn_knopp(ibot_logits, temp, valid=valid)
         else:
             dino_q = losses.softmax_center_teacher(dino_logits, centers["dino"], temp)
-            m = cfg.train.center_momentum
+            m = self.cfg.train.center_momentum
             centers = {**centers, "dino": losses.update_center(centers["dino"], dino_logits, m)}
-            if not ibot_chunk:  # chunked: the loss pass updates the iBOT centre
+            if not self.ibot_chunk:  # chunked: the loss pass updates the iBOT centre
                 ibot_target = losses.softmax_center_teacher(ibot_logits, centers["ibot"], temp) * valid[:, None]
                 centers["ibot"] = losses.update_center(centers["ibot"], ibot_logits, m, valid=valid)
         stats = {
@@ -117,12 +122,12 @@ def make_train_step(
         dino_q = jnp.moveaxis(dino_q, 1, 0).reshape(2, -1, dino_q.shape[-1])
         return jax.lax.stop_gradient(dino_q), jax.lax.stop_gradient(ibot_target), centers, stats
 
-    def ibot_term(student: dict, batch: Batch, patches: jax.Array, ibot_target, temp, center):
+    def ibot_term(self, student: dict, batch: Batch, patches: jax.Array, ibot_target, temp, center):
         """(iBOT loss, new iBOT centre or None) of the student's masked patch tokens."""
         groups, two_b = batch["global_crops"].shape[:2]
-        head = graphs.head(ibot_head, student[ibot_head])
+        head = self.graphs.head(self.ibot_head, student[self.ibot_head])
         weights = batch["mask_weights"]
-        if not ibot_chunk:
+        if not self.ibot_chunk:
             logits = activations.constrain_batch(head(patches))
             return losses.ibot_loss(logits, ibot_target, weights.reshape(-1), n_global_images=groups * two_b), None
         return chunked.ibot_loss_chunked(
@@ -134,18 +139,18 @@ def make_train_step(
             batch["mask_valid"],
             weights,
             groups * two_b,
-            centering=cfg.train.centering,
-            center=None if sinkhorn else center,
-            center_momentum=cfg.train.center_momentum,
-            chunk_size=ibot_chunk,
+            centering=self.cfg.train.centering,
+            center=None if self.sinkhorn else center,
+            center_momentum=self.cfg.train.center_momentum,
+            chunk_size=self.ibot_chunk,
         )
 
-    def student_loss(student: dict, batch: Batch, dino_q, ibot_target, temp, ibot_center, key: jax.Array):
+    def student_loss(self, student: dict, batch: Batch, dino_q, ibot_target, temp, ibot_center, key: jax.Array):
         groups, two_b = batch["global_crops"].shape[:2]
         b = two_b // 2
         k_global, k_local = jax.random.split(key)
-        vit = graphs.vit(student["backbone"])
-        dino = graphs.head("dino_head", student["dino_head"])
+        vit = self.graphs.vit(student["backbone"])
+        dino = self.graphs.head("dino_head", student["dino_head"])
         x_global = batch["global_crops"].reshape(-1, *batch["global_crops"].shape[2:])
         x_local = batch["local_crops"].reshape(-1, *batch["local_crops"].shape[2:])
         out_g = vit.forward_features(x_global, batch["masks"].reshape(groups * two_b, -1), rng=k_global, groups=groups)
@@ -153,7 +158,7 @@ def make_train_step(
         cls_g = out_g["x_norm_clstoken"]
         dino_logits = lambda cls: activations.constrain_batch(dino(cls))
         terms = losses.dino_loss(
-            _crops_first(dino_logits(out_l["x_norm_clstoken"]), groups, n_local),
+            _crops_first(dino_logits(out_l["x_norm_clstoken"]), groups, self.n_local),
             _crops_first(dino_logits(cls_g), groups, 2),
             dino_q,
         )
@@ -162,33 +167,33 @@ def make_train_step(
             losses.koleo_loss(cls_by_crop[:, c].reshape(groups * b, -1), group_size=b) for c in range(2)
         )
         patches = _gather_masked(out_g["x_norm_patchtokens"], groups, batch["mask_indices"])
-        terms["ibot_loss"], new_center = ibot_term(student, batch, patches, ibot_target, temp, ibot_center)
+        terms["ibot_loss"], new_center = self.ibot_term(student, batch, patches, ibot_target, temp, ibot_center)
         total = (
-            cfg.dino.loss_weight * (terms["dino_local_crops_loss"] + terms["dino_global_crops_loss"])
-            + cfg.dino.koleo_loss_weight * terms["koleo_loss"]
-            + cfg.ibot.loss_weight * terms["ibot_loss"]
+            self.cfg.dino.loss_weight * (terms["dino_local_crops_loss"] + terms["dino_global_crops_loss"])
+            + self.cfg.dino.koleo_loss_weight * terms["koleo_loss"]
+            + self.cfg.ibot.loss_weight * terms["ibot_loss"]
         )
         return total, (terms, new_center)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        temp = schedules.teacher_temp(state.step)
-        momentum = schedules.momentum(state.step)
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        temp = self.schedules.teacher_temp(state.step)
+        momentum = self.schedules.momentum(state.step)
         rng, key = jax.random.split(state.rng)
-        dino_q, ibot_target, centers, stats = teacher_targets(state.teacher, batch, temp, state.centers)
-        (total, (terms, ibot_center)), grads = jax.value_and_grad(student_loss, has_aux=True)(
+        dino_q, ibot_target, centers, stats = self.teacher_targets(state.teacher, batch, temp, state.centers)
+        (total, (terms, ibot_center)), grads = jax.value_and_grad(self.student_loss, has_aux=True)(
             state.student, batch, dino_q, ibot_target, temp, centers["ibot"], key
         )
         if ibot_center is not None:
             centers = {**centers, "ibot": ibot_center}
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.student)
         student = optax.apply_updates(state.student, updates)
         teacher = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, state.teacher, student)
         metrics = {
             "total_loss": total,
             **terms,
             **stats,
-            "lr": schedules.lr(state.step),
-            "wd": schedules.wd(state.step),
+            "lr": self.schedules.lr(state.step),
+            "wd": self.schedules.wd(state.step),
             "momentum": momentum,
             "teacher_temp": temp,
             "grad_norm": optax.global_norm(grads),
@@ -201,7 +206,12 @@ def make_train_step(
         )
         return new_state, metrics
 
-    return train_step
+
+def make_train_step(
+    cfg: Any, model_cfg: ModelConfig, optimizer: optax.GradientTransformation, schedules: Schedules
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure step for a config; compile it with `compile_train_step`."""
+    return TrainStep(cfg, model_cfg, optimizer, schedules)
 
 
 def compile_train_step(
