@@ -54,7 +54,7 @@ def runs(tmp_path_factory):
     command = [
         sys.executable, "-m", "chexfound_jax.compile_check", "--config=configs/pretrain/tiny_cpu.py",
         "--topology=v5p-8", f"--per_device_batch={PER_DEVICE_BATCH}", "--mesh=fsdp=-1", "--rules=fsdp",
-        f"--json={out}", *(f"--config.{k}={v}" for k, v in WIDER.items()),
+        f"--out={out}", *(f"--config.{k}={v}" for k, v in WIDER.items()),
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in QUIET_VARS}
     cli = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
