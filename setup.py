@@ -31,10 +31,11 @@ setup(
         "absl-py>=2,<3",
         "tqdm>=4.60,<5",
         "matplotlib>=3.8,<4",
+        "scikit-learn>=1.4,<2",  # L-BFGS of the logreg evaluation (chexfound_jax/eval/feature_workflows.py)
     ],
     extras_require={
         "torch": ["torch>=2.4", "safetensors>=0.4,<1"],
-        "test": ["pytest>=8,<10", "ruff>=0.15,<1", "timm>=1.0.20,<2", "scikit-learn>=1.4,<2"],
+        "test": ["pytest>=8,<10", "ruff>=0.15,<1", "timm>=1.0.20,<2"],
         "beam": ["apache-beam>=2.60,<3"],
         # libtpu for the installed jax: deviceless TPU compilation (compile_check) and TPU runs.
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],

@@ -7,13 +7,14 @@ predictions.csv under workdir/test; the selection under workdir/selection.json).
 
   knn     weighted vote softmax(cosine / T) of the k nearest training images, per class, for every k of
           `knn.ks` at once; the best k on val; the test queries search train (+ val with refit.enabled)
-  logreg  one L2 logistic regression per class (eval.logreg, scikit-learn's objective) for every C of
-          `logreg.cs` on train, warm-started along the C path; the best C on val; refit on train + val
-          (refit.enabled, as the official final model) and test
+  logreg  one L2 logistic regression per class (scikit-learn's objective; `logreg.solver`: scikit-learn's
+          L-BFGS or eval/logreg.py's Newton) for every C of `logreg.cs` on train, warm-started along the
+          C path; the best C on val; refit on train + val (refit.enabled, as the official final model), test
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,23 +43,53 @@ def fill_unscored(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 # --- logistic regression --------------------------------------------------------------------------------
 
 
+SOLVERS = ("newton", "lbfgs")
+
+
+def _class_path(x, y, queries, cs, order, *, solver, max_iter, standardize) -> np.ndarray:
+    """(len(cs), Q) logits of one class's models, fitted along `order` (increasing C), each warm-started."""
+    out = np.empty((len(cs), len(queries)), np.float64)
+    if solver == "newton":
+        model = None
+        for i in order:
+            model = logreg.fit(x, y, float(cs[i]), standardize=standardize, max_iter=max_iter, init=model)
+            out[i] = model.decision(queries)
+        return out
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    if standardize:
+        mean, std = x.mean(0), x.std(0) + 1e-12
+        x, queries = (x - mean) / std, (queries - mean) / std
+    est = LogisticRegression(solver="lbfgs", tol=1e-12, max_iter=max_iter, warm_start=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # tol 1e-12 is rarely met: max_iter ends the fit
+        for i in order:
+            out[i] = est.set_params(C=float(cs[i])).fit(x, y).decision_function(queries)
+    return out
+
+
 def logreg_path(
     x: np.ndarray,
     y: np.ndarray,
     queries: np.ndarray,
     cs: Sequence[float],
     *,
+    solver: str = "newton",
     max_iter: int = 100,
     standardize: bool = False,
 ) -> np.ndarray:
     """(len(cs), Q, C) decision values (logits) of one logistic regression per class and C, in float64.
 
-    Logits rather than probabilities: ranks are what AUROC and AP read, and a sigmoid in floating point
-    ties every margin above ~37 at 1. Each class is fitted on the rows whose label is known, C in
-    increasing order, each fit starting from the previous one's minimiser. A class with one label value
-    among them scores a constant logit of +-30, its probability that value to 1e-13 (0 for a class with no
-    known label).
+    `solver`: "newton" (eval/logreg.py; `max_iter` Newton steps) or "lbfgs" (scikit-learn's, with the official
+    tol=1e-12; `max_iter` iterations, official 1000), the same objective. Logits rather than probabilities:
+    ranks are what AUROC and AP read, and a sigmoid in floating point ties every margin above ~37 at 1.
+    Each class is fitted on the rows whose label is known, C in increasing order, each fit starting from
+    the previous one's minimiser. A class with one label value among them scores a constant logit of +-30,
+    its probability that value to 1e-13 (0 for a class with no known label).
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"logreg.solver must be one of {SOLVERS}, got {solver!r}")
     x, queries, y = np.asarray(x, np.float64), np.asarray(queries, np.float64), np.asarray(y, np.float64)
     order = np.argsort(cs, kind="stable")
     out = np.empty((len(cs), len(queries), y.shape[1]), np.float64)
@@ -68,12 +99,9 @@ def logreg_path(
         if len(values) < 2:
             out[:, :, k] = (2 * values[0] - 1) * 30.0 if len(values) else 0.0
             continue
-        model = None
-        for i in order:
-            model = logreg.fit(
-                x[known], y[known, k], float(cs[i]), standardize=standardize, max_iter=max_iter, init=model
-            )
-            out[i, :, k] = model.decision(queries)
+        out[:, :, k] = _class_path(
+            x[known], y[known, k], queries, cs, order, solver=solver, max_iter=max_iter, standardize=standardize
+        )
     return out
 
 
@@ -84,11 +112,11 @@ def logreg_select(
     names: Sequence[str],
     *,
     key: str = "auroc",
-    max_iter: int = 100,
-    standardize: bool = False,
+    **options: Any,
 ) -> tuple[int, list[float]]:
-    """(index of the chosen C, validation score of every C): the highest, ties to the first in `cs`."""
-    probs = logreg_path(*train, val[0], cs, max_iter=max_iter, standardize=standardize)
+    """(index of the chosen C, validation score of every C): the highest, ties to the first in `cs`.
+    `options` go to logreg_path (solver, max_iter, standardize)."""
+    probs = logreg_path(*train, val[0], cs, **options)
     scores = [macro_score(val[1], p, names, key) for p in probs]
     return select_best(scores), scores
 
@@ -183,7 +211,7 @@ def run_logreg(env: Any, workdir: epath.Path) -> dict:
     task, tables, feats = _features(env, workdir)
     names, key = task.class_names, str(env.cfg.eval.selection_metric)
     cs = tuple(float(c) for c in lr.cs)
-    options = {"max_iter": int(lr.max_iter), "standardize": bool(lr.standardize)}
+    options = {"solver": str(lr.solver), "max_iter": int(lr.max_iter), "standardize": bool(lr.standardize)}
     train = (feats["train"], tables["train"].labels)
     best, val_scores = logreg_select(train, (feats["val"], tables["val"].labels), cs, names, key=key, **options)
     c = cs[best]
@@ -196,7 +224,7 @@ def run_logreg(env: Any, workdir: epath.Path) -> dict:
         probs = 1.0 / (1.0 + np.exp(-logits))
     selection = {"selection_metric": key, "cs": list(cs), "val": val_scores, "best_c": c}
     extra = {
-        "workflow": "logreg", "c": c, "feature": "x_norm_clstoken", "standardize": options["standardize"],
+        "workflow": "logreg", "c": c, "feature": "x_norm_clstoken", **options,
         "fit": "train + val" if refit else "train",
     }  # fmt: skip
     title = f"{task.name}: logistic regression (C={c:g}), test"
