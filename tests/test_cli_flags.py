@@ -109,6 +109,8 @@ print(json.dumps(found))
     for program, defined in found.items():
         for old in (o for olds in ROLES.values() for o in olds):
             assert defined.get(old, "retired") == "retired", (program, old)
+    convert = found["chexfound_jax.convert.__main__"]  # --source is data_prep.build's dataset adapter there
+    assert convert["source"] == convert["no_heads"] == "retired" and convert["heads"] == "bool" and "network" in convert
 
 
 def test_an_old_flag_name_ends_the_program_in_one_line(tmp_path):

@@ -21,6 +21,7 @@ from chexfound_jax.convert import head_checkpoints, layouts, pytorch, torch_io
 from chexfound_jax.data.classes import TASK_CLASSES
 from chexfound_jax.models import classifiers, weights
 from chexfound_jax.models.vit import count_params
+from data_prep.retired_flags import define_renamed
 
 
 def head_class_names(spec: str, num_classes: int) -> list[str]:
@@ -83,9 +84,9 @@ def define_flags() -> None:
     flags.DEFINE_string("checkpoint", None, "Input: .pth/.safetensors, or a weights / classifier dir.")
     flags.DEFINE_string("out", None, "Output: a weights / classifier dir, or .pth/.safetensors.")
     flags.DEFINE_enum("layout", "chexfound", list(layouts.LAYOUTS), "PyTorch key layout to write.")
-    flags.DEFINE_enum("source", "teacher", list(pytorch.SOURCES), "Model to take from a model_checkpoint.pth.")
+    flags.DEFINE_enum("network", "teacher", list(pytorch.SOURCES), "Network to take from a model_checkpoint.pth.")
     flags.DEFINE_integer("num_heads", None, "Attention heads, if not embed_dim / 64 (DINOv2's sizes).")
-    flags.DEFINE_bool("no_heads", False, "Drop the DINO / iBOT heads (backbone only).")
+    flags.DEFINE_bool("heads", True, "Keep the DINO / iBOT heads (--noheads: the backbone only).")
     flags.DEFINE_string("head_name", None, "Classifier head to take from a file holding several.")
     flags.DEFINE_float("head_lr", 0.001, "lr in the exported head's name, if the classifier dir has none.")
     flags.DEFINE_integer("head_num_heads", 8, "GLoRI attention heads (not visible in the shapes).")
@@ -93,6 +94,8 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "head_classes", None, "Class names of an imported head: a task name (e.g. cxr_lt) or comma-separated names."
     )
+    define_renamed("source", "network")  # data_prep.build's --source names a dataset adapter
+    define_renamed("no_heads", "heads", "was replaced by --noheads")
     flags.mark_flags_as_required(["to", "checkpoint", "out"])
 
 
@@ -112,11 +115,11 @@ def main(argv: list[str]) -> None:
                     flags.FLAGS.head_classes,
                 )
             else:
-                to_jax(obj, flags.FLAGS.out, flags.FLAGS.source, flags.FLAGS.num_heads, not flags.FLAGS.no_heads)
+                to_jax(obj, flags.FLAGS.out, flags.FLAGS.network, flags.FLAGS.num_heads, flags.FLAGS.heads)
         elif classifiers.is_classifier_dir(flags.FLAGS.checkpoint):
             head_to_pytorch(flags.FLAGS.checkpoint, flags.FLAGS.out, flags.FLAGS.head_lr)
         else:
-            to_pytorch(flags.FLAGS.checkpoint, flags.FLAGS.out, flags.FLAGS.layout, not flags.FLAGS.no_heads)
+            to_pytorch(flags.FLAGS.checkpoint, flags.FLAGS.out, flags.FLAGS.layout, flags.FLAGS.heads)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"convert: {e}")
 

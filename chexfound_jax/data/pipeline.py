@@ -58,7 +58,7 @@ class BadRecordError(ValueError):
 
 
 def shard_files(dataset: epath.PathLike, split: str) -> list[epath.Path]:
-    """The finished shards of `split` in a data_prep dataset directory (`<output>/<name>/<version>`)."""
+    """The finished shards of `split` in a data_prep dataset directory (`<workdir>/<name>/<version>`)."""
     ds_dir = epath.Path(dataset)
     if not ds_dir.exists():
         raise FileNotFoundError(f"data_prep dataset directory {ds_dir} does not exist")

@@ -108,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.debug = dict(inject_nan_at_step=-1)  # fault injection for testing the non-finite guard
     c.data = dict(
-        datasets=(),  # data_prep dataset directories (<output>/<name>/<version>), local or gs://
+        datasets=(),  # data_prep dataset directories (<workdir>/<name>/<version>), local or gs://
         split="train",
         seed=0,
         photometric="device",  # "device": jitter/blur/solarize in JAX on the accelerator; "host": in workers
