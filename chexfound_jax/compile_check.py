@@ -113,6 +113,84 @@ def _is_out_of_memory(error: Exception) -> bool:
     return "resource_exhausted" in text or "out of memory" in text
 
 
+def describe(cfg: Any, topo: topology_lib.Topology, training: Training, rules: str, per_device_batch: int) -> dict:
+    """What is compiled, where: the report's header."""
+    chip = hardware.chip_for_device_kind(topo.device_kind)
+    vit = training.model_cfg.backbone
+    return {
+        "topology": topo.name,
+        "jax_topology": topo.jax_name,
+        "num_slices": topo.num_slices,
+        "chip": chip.name if chip else topo.device_kind,
+        "device_kind": topo.device_kind,
+        "num_devices": len(topo.devices),
+        "mesh": {k: int(v) for k, v in training.mesh.shape.items()},
+        "rules": rules,
+        "per_device_batch": per_device_batch,
+        "global_batch": cfg.train.global_batch_size,
+        "batch_groups": cfg.train.batch_groups,
+        "model": {
+            "arch": cfg.model.arch,
+            "crops": f"2x{cfg.crops.global_crops_size} + {cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}",
+            "dtype": vit.dtype,
+            "remat": str(vit.remat),
+            "attention_impl": str(vit.attention_impl),
+            "scan_layers": vit.scan_layers,
+            "ibot_chunk_size": int(cfg.ibot.get("loss_chunk_size", 0)),
+        },
+        "hbm_bytes": chip.hbm_bytes if chip else None,
+        "jax": jax.__version__,
+    }
+
+
+def flop_figures(cfg: Any, topo: topology_lib.Topology, vit: Any, stats: Any, cost: dict) -> dict[str, float]:
+    """Per device: the compiled matmul FLOPs against the analytic count of what the step executes."""
+    n = len(topo.devices)
+    group = cfg.train.global_batch_size // cfg.train.batch_groups
+    analytic = flops_lib.train_flops_per_image(cfg, group_size=group)
+    images = cfg.train.global_batch_size / n
+    executed = analytic["executed_total"] * images
+    # Attention in a Pallas kernel is a custom call, invisible to the matmul count: compare like with like.
+    # Under remat the kernel's forward runs again in the backward pass, also unseen: added analytically.
+    in_kernels = kernel_recompute = 0.0
+    if attention.resolve(vit.attention_impl, topo.platform, vit.dtype, _global_tokens(cfg)) == "splash":
+        kernel = flops_lib.global_attention_flops_per_image(cfg, group_size=group)
+        in_kernels = kernel["executed"] * images
+        if remat_policy_name(vit.remat) != "none":
+            kernel_recompute = kernel["student_forward"] * images
+    recomputed = stats.matmul_flops - (executed - in_kernels) + kernel_recompute
+    return {
+        "compiled_matmul": stats.matmul_flops,
+        "analytic_executed": executed,
+        "analytic_nominal": analytic["total"] * images,
+        "attention_in_kernels": in_kernels,
+        "attention_recomputed_in_kernels": kernel_recompute,
+        "recompute_overhead": recomputed / executed,
+        "cost_analysis": float(cost.get("flops", 0.0)),  # counts loop bodies once: not the step's total
+        "unknown_loop_trip_counts": stats.unknown_trip_counts,
+    }
+
+
+def roofline(chip: hardware.Chip, global_batch: int, stats: Any, cost: dict) -> dict[str, Any]:
+    """A lower bound on the step time: the slowest of compute, HBM traffic and interconnect traffic."""
+    compute_s = stats.matmul_flops / chip.peak_bf16_flops
+    hbm_s = float(cost.get("bytes accessed", 0.0)) / chip.hbm_bandwidth
+    ici_s = sum(s.traffic for s in stats.collectives.values()) / (chip.interconnect_bandwidth / 2)
+    bound = max(compute_s, hbm_s, ici_s)
+    return {
+        "compute_s": compute_s,
+        "hbm_s": hbm_s,  # from cost_analysis bytes, which count loop bodies once: a weak bound
+        "interconnect_s": ici_s,
+        "step_s_lower_bound": bound,
+        "bound_by": max((compute_s, "compute"), (hbm_s, "hbm"), (ici_s, "interconnect"))[1],
+        "images_per_s_upper_bound": global_batch / bound if bound else None,
+        "peak_bf16_flops": chip.peak_bf16_flops,
+        "hbm_bandwidth": chip.hbm_bandwidth,
+        "interconnect_bandwidth": chip.interconnect_bandwidth,
+        "source": chip.source,
+    }
+
+
 def check(
     cfg: Any,
     topo: topology_lib.Topology,
@@ -129,33 +207,10 @@ def check(
     n = len(topo.devices)
     cfg = job_config(cfg, per_device_batch, n, groups_per_device)
     mesh_axes = dict(mesh_axes or cfg.parallel.mesh)
-    training = build_training(cfg, mesh_axes, rules or cfg.parallel.rules, topo.devices)
+    rules = rules or cfg.parallel.rules
+    training = build_training(cfg, mesh_axes, rules, topo.devices)
     chip = hardware.chip_for_device_kind(topo.device_kind)
-    vit = training.model_cfg.backbone
-    report: dict[str, Any] = {
-        "topology": topo.name,
-        "jax_topology": topo.jax_name,
-        "num_slices": topo.num_slices,
-        "chip": chip.name if chip else topo.device_kind,
-        "device_kind": topo.device_kind,
-        "num_devices": n,
-        "mesh": {k: int(v) for k, v in training.mesh.shape.items()},
-        "rules": rules or cfg.parallel.rules,
-        "per_device_batch": per_device_batch,
-        "global_batch": cfg.train.global_batch_size,
-        "batch_groups": cfg.train.batch_groups,
-        "model": {
-            "arch": cfg.model.arch,
-            "crops": f"2x{cfg.crops.global_crops_size} + {cfg.crops.local_crops_number}x{cfg.crops.local_crops_size}",
-            "dtype": vit.dtype,
-            "remat": str(vit.remat),
-            "attention_impl": str(vit.attention_impl),
-            "scan_layers": vit.scan_layers,
-            "ibot_chunk_size": int(cfg.ibot.get("loss_chunk_size", 0)),
-        },
-        "hbm_bytes": chip.hbm_bytes if chip else None,
-        "jax": jax.__version__,
-    }
+    report = describe(cfg, topo, training, rules, per_device_batch)
     try:
         compiled, seconds = compile_abstract(training)
     except Exception as e:
@@ -172,52 +227,15 @@ def check(
     if hlo_path:
         pathlib.Path(hlo_path).write_text(text)
     stats = hlo_stats.analyse(text, n)
-    group = cfg.train.global_batch_size // cfg.train.batch_groups
-    analytic = flops_lib.train_flops_per_image(cfg, group_size=group)
-    images = cfg.train.global_batch_size / n
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
-    executed = analytic["executed_total"] * images
-    # Attention in a Pallas kernel is a custom call, invisible to the matmul count: compare like with like.
-    # Under remat the kernel's forward runs again in the backward pass, also unseen: added analytically.
-    in_kernels = kernel_recompute = 0.0
-    if attention.resolve(vit.attention_impl, topo.platform, vit.dtype, _global_tokens(cfg)) == "splash":
-        kernel = flops_lib.global_attention_flops_per_image(cfg, group_size=group)
-        in_kernels = kernel["executed"] * images
-        if remat_policy_name(vit.remat) != "none":
-            kernel_recompute = kernel["student_forward"] * images
-    recomputed = stats.matmul_flops - (executed - in_kernels) + kernel_recompute
-    report["flops_per_device"] = {
-        "compiled_matmul": stats.matmul_flops,
-        "analytic_executed": executed,
-        "analytic_nominal": analytic["total"] * images,
-        "attention_in_kernels": in_kernels,
-        "attention_recomputed_in_kernels": kernel_recompute,
-        "recompute_overhead": recomputed / executed,
-        "cost_analysis": float(cost.get("flops", 0.0)),  # counts loop bodies once: not the step's total
-        "unknown_loop_trip_counts": stats.unknown_trip_counts,
-    }
+    report["flops_per_device"] = flop_figures(cfg, topo, training.model_cfg.backbone, stats, cost)
     report["collectives_per_device"] = {
         kind: {"count": s.count, "bytes": s.bytes, "ring_traffic_bytes": s.traffic}
         for kind, s in stats.collectives.items()
     }
     if chip:
-        compute_s = stats.matmul_flops / chip.peak_bf16_flops
-        hbm_s = float(cost.get("bytes accessed", 0.0)) / chip.hbm_bandwidth
-        ici_s = sum(s.traffic for s in stats.collectives.values()) / (chip.interconnect_bandwidth / 2)
-        bound = max(compute_s, hbm_s, ici_s)
-        report["roofline"] = {
-            "compute_s": compute_s,
-            "hbm_s": hbm_s,  # from cost_analysis bytes, which count loop bodies once: a weak bound
-            "interconnect_s": ici_s,
-            "step_s_lower_bound": bound,
-            "bound_by": max((compute_s, "compute"), (hbm_s, "hbm"), (ici_s, "interconnect"))[1],
-            "images_per_s_upper_bound": cfg.train.global_batch_size / bound if bound else None,
-            "peak_bf16_flops": chip.peak_bf16_flops,
-            "hbm_bandwidth": chip.hbm_bandwidth,
-            "interconnect_bandwidth": chip.interconnect_bandwidth,
-            "source": chip.source,
-        }
+        report["roofline"] = roofline(chip, cfg.train.global_batch_size, stats, cost)
     return report
 
 
