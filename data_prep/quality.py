@@ -175,10 +175,11 @@ def _dct_matrix(n: int) -> np.ndarray:
 
 
 def perceptual_hash(image: np.ndarray, hash_size: int = 8, highfreq_factor: int = 4) -> int:
-    """64-bit DCT pHash (Zauner 2010, as `imagehash.phash`): low-frequency DCT signs vs their median.
+    """64-bit DCT pHash (Zauner 2010; the scheme of `imagehash.phash`): low-frequency DCT signs vs their median.
 
-    The image is area-averaged to 32x32 first, so the hash ignores size, re-encoding noise and
-    any positive affine change of intensity (uint8 and uint16 outputs hash alike).
+    The image is area-averaged (box filter) to 32x32 first, so the hash ignores size, re-encoding noise and
+    any positive affine change of intensity (uint8 and uint16 outputs hash alike). The values differ from
+    imagehash's (which resizes with ANTIALIAS and uses scipy's unnormalised DCT): compare hashes made here.
     """
     n = hash_size * highfreq_factor
     x = np.asarray(image, np.float32)
