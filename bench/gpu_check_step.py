@@ -137,6 +137,38 @@ def _time_step(training: Any, compiled: Any, cfg: Any, options: Options) -> dict
     return {"init_s": round(init_s, 2), "times": times, "loss": loss}
 
 
+def step_figures(cfg: Any, timed: dict[str, Any], n: int, peak_flops: float | None) -> dict[str, Any]:
+    """Throughput, FLOP/s and MFU (executed and nominal counts) of the timed steps on n devices."""
+    from chexfound_jax.train import flops as flops_lib
+
+    group = cfg.train.global_batch_size // cfg.train.batch_groups
+    analytic = flops_lib.train_flops_per_image(cfg, group_size=group)
+    times = timed["times"]
+    step = statistics.median(times)
+    images_per_s = cfg.train.global_batch_size / step
+    executed = analytic["executed_total"] * images_per_s / n
+    nominal = analytic["total"] * images_per_s / n
+    out = dict(
+        global_batch=cfg.train.global_batch_size,
+        init_s=timed["init_s"],
+        timed_steps=len(times),
+        step_ms=step * 1e3,
+        step_ms_min=min(times) * 1e3,
+        step_ms_max=max(times) * 1e3,
+        step_ms_all=[t * 1e3 for t in times],
+        loss=timed["loss"],
+        images_per_s=images_per_s,
+        images_per_s_per_device=images_per_s / n,
+        gflop_per_image_executed=analytic["executed_total"] / 1e9,
+        gflop_per_image_nominal=analytic["total"] / 1e9,
+        tflops_executed=executed / 1e12,
+        tflops_nominal=nominal / 1e12,
+    )
+    if peak_flops:
+        out |= dict(mfu_executed_pct=100 * executed / peak_flops, mfu_nominal_pct=100 * nominal / peak_flops)
+    return out
+
+
 def time_combo(
     check: Check,
     deadline: float,
@@ -149,7 +181,6 @@ def time_combo(
 ) -> dict[str, Any]:
     """The step of `base` with this attention and remat at the first of `candidates` that fits."""
     from chexfound_jax import compile_check
-    from chexfound_jax.train import flops as flops_lib
     from chexfound_jax.train.setup import build_training
 
     n = len(devices)
@@ -207,43 +238,20 @@ def time_combo(
                 raise
             run["attempts"].append({**attempt, "status": "out of memory at run time", "error": error_text(e)})
             continue
-        del compiled
-        group = cfg.train.global_batch_size // cfg.train.batch_groups
-        analytic = flops_lib.train_flops_per_image(cfg, group_size=group)
-        del training
+        del compiled, training
         gc.collect()
-        times = timed["times"]
-        step = statistics.median(times)
-        images_per_s = cfg.train.global_batch_size / step
-        executed = analytic["executed_total"] * images_per_s / n
-        nominal = analytic["total"] * images_per_s / n
         run["attempts"].append({**attempt, "status": "ok"})
         run.update(
             status="ok",
             per_device_batch=b,
-            global_batch=cfg.train.global_batch_size,
             compile_s=round(compile_s, 2),
             compile_cache_hit=cache_hit,
-            init_s=timed["init_s"],
             memory=memory,
             peak_gib=_gib(memory["peak"]),
             warmup_steps=options.warmup,
-            timed_steps=len(times),
-            step_ms=step * 1e3,
-            step_ms_min=min(times) * 1e3,
-            step_ms_max=max(times) * 1e3,
-            step_ms_all=[t * 1e3 for t in times],
-            loss=timed["loss"],
-            images_per_s=images_per_s,
-            images_per_s_per_device=images_per_s / n,
-            gflop_per_image_executed=analytic["executed_total"] / 1e9,
-            gflop_per_image_nominal=analytic["total"] / 1e9,
-            tflops_executed=executed / 1e12,
-            tflops_nominal=nominal / 1e12,
+            **step_figures(cfg, timed, n, peak_flops),
         )
         if peak_flops:
-            run["mfu_executed_pct"] = 100 * executed / peak_flops
-            run["mfu_nominal_pct"] = 100 * nominal / peak_flops
             run["meets_target"] = bool(run["mfu_executed_pct"] >= TARGET_MFU_PCT and b >= TARGET_BATCH)
         try:
             run["device_peak_bytes_in_use"] = (device.memory_stats() or {}).get("peak_bytes_in_use")
