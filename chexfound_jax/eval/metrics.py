@@ -217,6 +217,33 @@ def _macro(values: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
+def _bootstrap_metrics(
+    per_class: Sequence[_SortedClass | None], n_images: int, n_bootstrap: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n_bootstrap, K) AUROC and AP of image resamples (NaN for classes without both label values).
+
+    A replicate is a vector of draw counts per image: each class's metrics are weighted by it, so the
+    sorted scores are reused and one draw is shared by every class.
+    """
+    n_classes = len(per_class)
+    boot_auc = np.full((n_bootstrap, n_classes), np.nan)
+    boot_ap = np.full((n_bootstrap, n_classes), np.nan)
+    # Draw counts (images x replicates) as float32: sums of counts stay exact integers below 2**24.
+    count_dtype = np.float32 if n_images < 2**24 else np.float64
+    chunk = max(1, _CHUNK_ELEMENTS // max(n_images, 1))
+    draws = bootstrap_indices(n_images, n_bootstrap, seed)
+    for start in range(0, n_bootstrap if any(c is not None for c in per_class) else 0, chunk):
+        stop = min(start + chunk, n_bootstrap)
+        idx = np.stack([next(draws) for _ in range(stop - start)])
+        offsets = np.arange(stop - start)[:, None] * n_images
+        counts = np.bincount((idx + offsets).ravel(), minlength=idx.size).reshape(idx.shape)
+        counts = np.ascontiguousarray(counts.T, dtype=count_dtype)
+        for k, c in enumerate(per_class):
+            if c is not None:
+                boot_auc[start:stop, k], boot_ap[start:stop, k] = _weighted_metrics(counts, c)
+    return boot_auc, boot_ap
+
+
 def classification_metrics(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -257,21 +284,7 @@ def classification_metrics(
         auc, ap = _weighted_metrics(ones, per_class[-1])
         point_auc[k], point_ap[k] = auc[0], ap[0]
 
-    boot_auc = np.full((n_bootstrap, n_classes), np.nan)
-    boot_ap = np.full((n_bootstrap, n_classes), np.nan)
-    # Draw counts (images x replicates) as float32: sums of counts stay exact integers below 2**24.
-    count_dtype = np.float32 if n_images < 2**24 else np.float64
-    chunk = max(1, _CHUNK_ELEMENTS // max(n_images, 1))
-    draws = bootstrap_indices(n_images, n_bootstrap, seed)
-    for start in range(0, n_bootstrap if any(c is not None for c in per_class) else 0, chunk):
-        stop = min(start + chunk, n_bootstrap)
-        idx = np.stack([next(draws) for _ in range(stop - start)])
-        offsets = np.arange(stop - start)[:, None] * n_images
-        counts = np.bincount((idx + offsets).ravel(), minlength=idx.size).reshape(idx.shape)
-        counts = np.ascontiguousarray(counts.T, dtype=count_dtype)
-        for k, c in enumerate(per_class):
-            if c is not None:
-                boot_auc[start:stop, k], boot_ap[start:stop, k] = _weighted_metrics(counts, c)
+    boot_auc, boot_ap = _bootstrap_metrics(per_class, n_images, n_bootstrap, seed)
 
     def ci(values: np.ndarray) -> list[float] | None:
         return _percentile_ci(values, confidence) if n_bootstrap else None
