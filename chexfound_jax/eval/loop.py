@@ -93,7 +93,7 @@ def fit(
         except (OSError, json.JSONDecodeError):
             pass  # the newest step is damaged: restore_newest names it and checks the step it falls back to
         abstract = bank.abstract_state()
-        shardings = jax.tree.map(lambda _: bank.replicated, abstract)
+        shardings = bank.state_shardings(abstract)
         # the newest checkpoint that restores whole (a damaged one is named, skipped and kept)
         _, state, saved, saved_config = checkpointer.restore_newest(abstract_state=abstract, shardings=shardings)
         _refuse_other_config(checkpointer, saved_config, config)

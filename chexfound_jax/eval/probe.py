@@ -70,10 +70,12 @@ class FrozenFeatures:
     def __call__(self, state: nnx.State, images: jax.Array) -> dict[str, jax.Array]:
         """Head inputs of (B, H, W, C) images, or of (B, V, H, W, C) views: the views' "cls" and "avgpool"
         concatenated in view order, "patch" of the first view (GLoRI reads one image)."""
-        model = nnx.merge(self.graphdef, state)
+        return jax.tree.map(jax.lax.stop_gradient, self.inputs(nnx.merge(self.graphdef, state), images))
+
+    def inputs(self, model: nnx.Module, images: jax.Array, rng: jax.Array | None = None) -> dict[str, jax.Array]:
+        """The head inputs `model` computes (a training forward with `rng`: adapter dropout, drop path)."""
         views = images.reshape(-1, *images.shape[-3:]) if images.ndim == 5 else images
-        blocks = model.last_blocks(views.astype(self.cfg.compute_dtype), self.n_blocks, norm=True)
-        feats = jax.tree.map(jax.lax.stop_gradient, head_inputs(blocks))
+        feats = head_inputs(model.last_blocks(views.astype(self.cfg.compute_dtype), self.n_blocks, norm=True, rng=rng))
         if images.ndim == 5:
             b, v = images.shape[:2]
             feats = {
@@ -133,6 +135,10 @@ class HeadBank:
     def abstract_state(self) -> dict:
         """The state's structure, shapes and dtypes (for restoring a checkpoint)."""
         return jax.eval_shape(self._init_fn, jax.random.key(0), jnp.int32(1))
+
+    def state_shardings(self, abstract: dict) -> dict:
+        """Where each leaf of a bank state lives (restoring a checkpoint): heads are replicated."""
+        return jax.tree.map(lambda _: self.replicated, abstract)
 
     def head(self, state: dict, i: int) -> tuple[nnx.State, nnx.State]:
         """Head i's (params, rest), unstacked."""

@@ -22,12 +22,31 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from chexfound_jax.convert import peft_adapter
+from chexfound_jax.convert.backbone import load_backbone
 from chexfound_jax.data import classification, preprocess
-from chexfound_jax.eval import loop, metrics, reports, tasks
+from chexfound_jax.eval import finetune, loop, metrics, reports, tasks
 from chexfound_jax.eval.probe import FrozenFeatures, HeadBank, Optimization, select_best, stack_heads
 from chexfound_jax.jobs.checkpoint import Checkpointer
 from chexfound_jax.jobs.logs import MetricsWriter
-from chexfound_jax.models import classifiers
+from chexfound_jax.models import classifiers, lora, weights
+from chexfound_jax.models.model import ModelConfig
+
+BACKBONE_DIR = "backbone"  # the adapted backbone of a fine-tuning run, next to its head (workdir/backbone)
+ADAPTER_DIR = "adapter"  # LoRA: the adapter alone in peft's layout, inside BACKBONE_DIR
+
+
+def backbone_features(cfg: Any, vit_cfg, params: dict, mesh, adapt: finetune.Adaptation | None = None):
+    """(features, whole backbone state on the mesh): frozen and replicated, or with `adapt` the trainable
+    backbone sharded by `parallel.rules`."""
+    if adapt is not None:
+        features = finetune.AdaptedFeatures(
+            vit_cfg, params, int(cfg.backbone.n_last_blocks), cfg.backbone.dtype, adapt, mesh, cfg.parallel.rules
+        )
+        return features, features.state
+    with jax.set_mesh(mesh):
+        features = FrozenFeatures(vit_cfg, params, int(cfg.backbone.n_last_blocks), cfg.backbone.dtype)
+    return features, jax.device_put(features.state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 @dataclasses.dataclass
@@ -39,7 +58,20 @@ class Environment:
     feeder: loop.Feeder
     checkpoint: str
     writer: MetricsWriter | None = None  # TensorBoard + metrics.jsonl of head training (process 0)
+    adapt: finetune.Adaptation = dataclasses.field(default_factory=finetune.Adaptation)
     _banks: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def tuning(self) -> bool:
+        """Whether head training trains the backbone too (backbone.adapt, in a training workflow)."""
+        return isinstance(self.features, finetune.AdaptedFeatures)
+
+    def use_backbone(self, directory: str | epath.Path) -> None:
+        """Replaces the backbone with a saved one (an adapted backbone next to a head), frozen."""
+        vit_cfg, params = load_backbone(directory)
+        self.features, self.feeder.backbone = backbone_features(self.cfg, vit_cfg, params, self.feeder.mesh)
+        self._banks.clear()
+        self.checkpoint = str(directory)
 
     def write(self, step: int, prefix: str, name: str, values: Sequence[float], lrs: Sequence[float]) -> None:
         """Per-head scalars as `<prefix>/<name>/lr=<lr>` (phases and runs restart their steps at 1)."""
@@ -75,13 +107,16 @@ class Environment:
             views=views,
         )
 
-    def bank(self, head_cfg: classifiers.ClassifierConfig, lrs: Sequence[float]) -> HeadBank:
-        """The HeadBank of these heads, one per configuration: its compiled steps serve every run."""
-        key = (head_cfg, tuple(float(lr) for lr in lrs))
+    def bank(self, head_cfg: classifiers.ClassifierConfig, lrs: Sequence[float], train: bool = False) -> HeadBank:
+        """The HeadBank of these heads, one per configuration: its compiled steps serve every run. `train`
+        with a trainable backbone: the TunedBank training one head with it."""
+        tuned = train and self.tuning
+        key = (head_cfg, tuple(float(lr) for lr in lrs), tuned)
         if key not in self._banks:
             t = self.cfg.train
             opt = Optimization(key[1], t.weight_decay, t.asymmetric_loss)
-            self._banks[key] = HeadBank(head_cfg, opt, self.features, self.feeder.mesh)
+            kind = finetune.TunedBank if tuned else HeadBank
+            self._banks[key] = kind(head_cfg, opt, self.features, self.feeder.mesh)
         return self._banks[key]
 
     def records(self, *tables: tasks.LabelTable) -> classification.LabelledRecords:
@@ -175,19 +210,22 @@ def train_head(
     epoch = classification.num_batches(len(records), batch)
     total = int(t.val_epochs) * epoch
     env.feeder.global_batch = batch
-    bank = env.bank(head_cfg, t.lrs)
+    bank = env.bank(head_cfg, t.lrs, train=True)
     val_records = env.records(val)
     period = max(1, int(t.eval_period_epochs) * epoch)
     phase1: dict = {"images": len(records), "batch": batch, "steps": total, "lrs": list(t.lrs), "evals": []}
 
     def on_step(step: int, state: dict) -> None:
         if step % period == 0 or step == total:
+            _use_trained_backbone(env, bank, state)
             scores = _validation_scores(env, bank, state, val_records, names)
             phase1["evals"].append({"step": step, "epoch": step / epoch, "val": scores})
             env.write(step, f"{run}/phase1", f"val_{env.cfg.eval.selection_metric}", scores, bank.lrs)
             logging.info("step %d val %s per lr: %s", step, env.cfg.eval.selection_metric, np.round(scores, 4))
 
     logging.info("phase 1: %d heads, %d images, batch %d, %d steps", bank.size, len(records), batch, total)
+    if env.tuning:
+        logging.info("backbone.adapt=%s: the backbone trains with the head, lr %g", env.adapt.mode, env.adapt.lr)
     state = _fit(
         env,
         bank,
@@ -206,14 +244,17 @@ def train_head(
     phase1.update(best_index=best, best_lr=lr, best_val=final[best])
     log["phase1"] = phase1
     params, rest = bank.head(state, best)
+    _use_trained_backbone(env, bank, state)
     if not refit:
         return head_cfg, params, rest, lr
     records = env.records(train, val)
     batch = env.batch_for(len(records))
     total = int(t.epochs) * classification.num_batches(len(records), batch)
     env.feeder.global_batch = batch
-    bank = env.bank(head_cfg, (lr,))
-    if env.cfg.refit.warm_start:  # the official phase 2 resumes the phase-1 winner's weights
+    bank = env.bank(head_cfg, (lr,), train=True)
+    if env.cfg.refit.warm_start and env.tuning:  # the phase-1 head and backbone, fresh optimiser
+        state = bank.restart(state, total)
+    elif env.cfg.refit.warm_start:  # the official phase 2 resumes the phase-1 winner's weights
         state = bank.from_heads(*stack_heads([(params, rest)]), total)
     else:
         state = bank.init(seed + 1, total)
@@ -238,7 +279,14 @@ def train_head(
     )
     log["phase2"] = phase2
     params, rest = bank.head(state, 0)
+    _use_trained_backbone(env, bank, state)
     return head_cfg, params, rest, lr
+
+
+def _use_trained_backbone(env: Environment, bank: HeadBank, state: dict) -> None:
+    """With a trainable backbone, prediction (validation, test, overlays) reads the one in `state`."""
+    if isinstance(bank, finetune.TunedBank):
+        env.feeder.backbone = bank.backbone_state(state)
 
 
 # --- testing a head -------------------------------------------------------------------------------
@@ -357,6 +405,24 @@ def save_head(env: Environment, directory: epath.Path, head_cfg, params, rest, m
         classifiers.save_classifier(directory, head_cfg, jax.tree.map(np.asarray, state), metadata)
 
 
+def save_backbone(env: Environment, directory: epath.Path) -> None:
+    """The trained backbone as a weights dir (LoRA merged into the kernels: plain ViT weights that `convert
+    --to=pytorch` exports), and for LoRA the adapter alone in peft's layout under `adapter/`. A rerun that
+    resumed a finished training writes them again."""
+    adapt = env.features.adapt
+    state = multihost_utils.process_allgather(nnx.to_pure_dict(env.feeder.backbone), tiled=True)
+    if not env.lead:
+        return
+    state = jax.tree.map(np.asarray, state)
+    if directory.exists():
+        directory.rmtree()
+    merged = state
+    if adapt.mode == "lora":
+        merged = jax.tree.map(np.asarray, lora.merge_params(state, adapt.lora.scale))
+        peft_adapter.write_adapter(directory / ADAPTER_DIR, state, adapt.lora)
+    weights.save_weights(directory, ModelConfig(backbone=env.features.source_cfg), {"backbone": merged})
+
+
 # --- workflows ------------------------------------------------------------------------------------
 
 
@@ -370,7 +436,9 @@ def task_tables(env: Environment, splits: Sequence[str]) -> tuple[tasks.TaskSpec
 
 
 def _head_metadata(env: Environment, task: tasks.TaskSpec, lr: float, log: dict) -> dict:
+    adapted = {"adapt": env.adapt.mode, "backbone_dir": BACKBONE_DIR} if env.tuning else {}
     return {
+        **adapted,
         "task": task.name,
         "class_names": list(task.class_names),
         "lr": lr,
@@ -395,6 +463,8 @@ def run_probe(env: Environment, workdir: epath.Path) -> dict:
         log=log,
         ckpt_dir=workdir / "checkpoints",
     )
+    if env.tuning:
+        save_backbone(env, workdir / BACKBONE_DIR)
     save_head(env, workdir / "head", head_cfg, params, rest, _head_metadata(env, task, lr, log))
     extra = {
         "task": task.name,
@@ -424,6 +494,10 @@ def load_head(env: Environment, directory: str) -> tuple[classifiers.ClassifierC
     if not directory:
         raise ValueError("no head given: set ood.head / predict.head to a trained head directory")
     cfg, state, meta = classifiers.load_classifier(directory)
+    if meta.get("backbone_dir"):  # trained with its backbone (backbone.adapt): that backbone, not --checkpoint
+        backbone = epath.Path(directory).parent / meta["backbone_dir"]
+        logging.info("%s was trained with backbone.adapt=%s: using its backbone %s", directory, meta["adapt"], backbone)
+        env.use_backbone(backbone)
     if cfg.embed_dim != env.features.cfg.embed_dim or cfg.n_blocks != env.features.n_blocks:
         raise ValueError(
             f"{directory}: head expects {cfg.n_blocks} blocks of width {cfg.embed_dim}, the backbone gives "

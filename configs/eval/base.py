@@ -35,6 +35,16 @@ def get_config() -> ml_collections.ConfigDict:
             n_last_blocks=4,
             dtype="bfloat16",  # frozen forward: bfloat16 or float32 (the official runs use fp16 autocast)
             num_heads=ml_collections.FieldReference(None, field_type=int),  # for .pth checkpoints not 64-d per head
+            # What trains with the head (eval/finetune.py): frozen (the GLoRI recipe: an lr grid of heads on one
+            # forward) | full (the official --fine-tune) | lora | bitfit. Not frozen: one head lr (train.lrs
+            # holds one value) and the backbone's own lr.
+            adapt="frozen",
+            lr=1e-5,  # the official --fine-tune backbone lr; cosine decay with the head's
+            layer_decay=1.0,  # layer-wise lr decay (e.g. 0.75); 1: none, as the official code
+            drop_path_rate=0.0,  # stochastic depth while training the backbone; the official eval backbone has none
+            remat="none",  # backbone rematerialisation while training it: none | full | dots | offload
+            # peft's LoraConfig of the official LoRA option (models/lora.py)
+            lora=dict(rank=16, alpha=16.0, dropout=0.1, target_modules=("qkv", "proj"), bias="lora_only"),
         )
     )
     c.head = ml_collections.ConfigDict(
