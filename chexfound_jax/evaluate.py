@@ -12,6 +12,10 @@ PyTorch CheXFound/DINOv2 checkpoint (.pth / .safetensors, read with weights_only
   ood               a trained head (ood.head) on another task's test split
   predict           per-image probabilities of a trained head (predict.head) as CSV, for the image or DICOM
                     files given as arguments (or predict.images), or a data_prep split (predict.split)
+
+backbone.adapt=full | lora | bitfit trains the backbone (or its LoRA adapters / biases) with one head in probe
+and label_efficiency (eval/finetune.py); the adapted backbone is saved as workdir/backbone, which ood and
+predict load with the head next to it.
 """
 
 from __future__ import annotations
@@ -27,8 +31,7 @@ from ml_collections import config_flags
 from chexfound_jax import cli
 from chexfound_jax.convert.backbone import load_backbone
 from chexfound_jax.data import classification
-from chexfound_jax.eval import label_efficiency, loop, predict, workflows
-from chexfound_jax.eval.probe import FrozenFeatures
+from chexfound_jax.eval import feature_workflows, finetune, label_efficiency, loop, predict, workflows
 from chexfound_jax.jobs.logs import MetricsWriter
 from chexfound_jax.parallel import distributed
 from chexfound_jax.parallel.mesh import create_mesh
@@ -38,16 +41,22 @@ WORKFLOWS = {
     "label_efficiency": label_efficiency.run,
     "ood": workflows.run_ood,
     "predict": predict.run,
+    "knn": feature_workflows.run_knn,
+    "logreg": feature_workflows.run_logreg,
 }
+# Workflows that train the backbone when backbone.adapt is not "frozen" (ood and predict read the backbone
+# saved next to their head).
+TRAINING_WORKFLOWS = ("probe", "label_efficiency")
 
 
 def environment(cfg: Any, checkpoint: str, devices: Sequence[jax.Device] | None = None) -> workflows.Environment:
-    """The frozen backbone replicated on the configured mesh, and the batch feeder."""
+    """The backbone on the configured mesh (frozen: replicated; trained, `backbone.adapt`: sharded by
+    `parallel.rules`), and the batch feeder."""
+    adapt = finetune.adaptation(cfg, training=cfg.workflow in TRAINING_WORKFLOWS)
     vit_cfg, params = load_backbone(checkpoint, cfg.backbone.num_heads)
     mesh = create_mesh(dict(cfg.parallel.mesh), devices)
-    with jax.set_mesh(mesh):
-        features = FrozenFeatures(vit_cfg, params, int(cfg.backbone.n_last_blocks), cfg.backbone.dtype)
-    backbone = jax.device_put(features.state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    trains = adapt.trains and cfg.workflow in TRAINING_WORKFLOWS
+    features, backbone = workflows.backbone_features(cfg, vit_cfg, params, mesh, adapt if trains else None)
     d = cfg.data
     transform = classification.TrainTransform(
         image_size=int(d.image_size),
@@ -68,7 +77,7 @@ def environment(cfg: Any, checkpoint: str, devices: Sequence[jax.Device] | None 
         num_workers=int(d.num_workers),
         eval_flip=str(cfg.eval.flip),
     )
-    return workflows.Environment(cfg=cfg, features=features, feeder=feeder, checkpoint=str(checkpoint))
+    return workflows.Environment(cfg=cfg, features=features, feeder=feeder, checkpoint=str(checkpoint), adapt=adapt)
 
 
 def evaluate(

@@ -45,7 +45,7 @@ class Adaptation:
     lr: float = 1e-5  # the official --fine-tune backbone lr
     layer_decay: float = 1.0  # 1: none (the official code has none)
     drop_path_rate: float = 0.0  # the official evaluation backbone has none
-    remat: bool | str = False
+    remat: bool | str = "none"
     lora: lora_lib.LoRAConfig = dataclasses.field(default_factory=lora_lib.LoRAConfig)
     seed: int = 0  # the adapters' initialisation
 
