@@ -2,7 +2,8 @@
 
 Validation selects the lr and is never trained on (official eval/classification/linear_glori.py appends it), so a
 fraction means what it says. Each run's results go under fraction_F/repeat_R/; the summary (mean, std,
-range per fraction) to label_efficiency.json and .md.
+range per fraction) to label_efficiency.json and .md. With `backbone.adapt` each run trains the backbone (or its
+adapters / biases) with its head from the given weights, and keeps only its test results.
 """
 
 from __future__ import annotations

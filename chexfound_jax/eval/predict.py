@@ -1,4 +1,7 @@
-"""Per-image probabilities of a trained head as CSV, for image / DICOM files or a data_prep split."""
+"""Per-image probabilities of a trained head as CSV, for image / DICOM files or a data_prep split.
+
+A head trained with its backbone (`backbone.adapt`) is read with that backbone, saved next to it
+(workflows.load_head), whatever --checkpoint names."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The evaluation workflows' shared parts (environment, training and testing a head) and probe / OOD.
 
-Each takes an `Environment` (frozen backbone on a mesh, config) and a work directory, and writes its
-results there: the trained head (a classifier dir that `convert` exports to PyTorch), metrics with
-bootstrap CIs as JSON and Markdown, curves, attention overlays and per-image predictions as CSV.
+Each takes an `Environment` (the backbone on a mesh, frozen or trained with the head as `backbone.adapt`
+says, and the config) and a work directory, and writes its results there: the trained head (a classifier dir
+that `convert` exports to PyTorch) and a trained backbone (a weights dir), metrics with bootstrap CIs as JSON
+and Markdown, curves, attention overlays and per-image predictions as CSV.
 Only process 0 writes files; every process computes.
 """
 
