@@ -11,7 +11,9 @@ The logreg workflow fits one L2 logistic regression per class and C (DINOv2's ev
 
 Features are synthetic (Gaussian, with a few strong directions as class tokens have), labels from a
 noisy linear rule at --prevalence. For each --rows and --cs: seconds per fit (median of --repeats), the
-solver's iterations, and the objective each reached (the gap says whether L-BFGS stopped short).
+solver's iterations, and the objective each reached (the gap says whether L-BFGS stopped short). With
+--sweep_solvers, also the seconds of one class's whole official sweep (45 C values, each fit warm-started
+from the previous, as the workflow runs it: eval/feature_workflows.logreg_path).
 
     python -m bench.logreg_solvers --rows=10000,30000,100000 --dim=1024 --cs=1e-4,1e-1,100 --out=logreg.json
 
@@ -31,9 +33,11 @@ import numpy as np
 from absl import app, flags
 
 from chexfound_jax import cli
-from chexfound_jax.eval import logreg
+from chexfound_jax.eval import feature_workflows, logreg
 
 SOLVERS = ("newton", "lbfgs")
+OFFICIAL_CS = tuple(float(c) for c in np.logspace(-6, 5, 45))  # as configs/eval/logreg_cxrlt.py
+MAX_ITER = {"newton": 100, "lbfgs": 1000}  # the workflow's defaults
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -43,6 +47,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("dim", 1024, "Feature width (ViT-L class token: 1024).", lower_bound=1, **fv)
     flags.DEFINE_list("cs", ["1e-4", "1e-1", "100"], "Inverse penalties C (official sweep: 1e-6 .. 1e5).", **fv)
     flags.DEFINE_list("solvers", list(SOLVERS), f"Which of {SOLVERS}.", **fv)
+    flags.DEFINE_list("sweep_solvers", ["lbfgs"], "Solvers timed over the official 45-C sweep (empty: none).", **fv)
     flags.DEFINE_float("prevalence", 0.1, "Fraction of positive labels.", **fv)
     flags.DEFINE_integer("lbfgs_max_iter", 1000, "L-BFGS iteration cap (official DEFAULT_MAX_ITER: 1000).", **fv)
     flags.DEFINE_integer("repeats", 1, "Timed fits per setting (median).", lower_bound=1, **fv)
@@ -80,11 +85,18 @@ def fit_once(solver: str, x: np.ndarray, y: np.ndarray, c: float, max_iter: int)
     return {"seconds": time.perf_counter() - t0, "iterations": iters, "objective": objective(x, y, w, b, c)}
 
 
+def sweep_seconds(solver: str, x: np.ndarray, y: np.ndarray) -> float:
+    """Seconds of one class's official sweep as the workflow runs it (scores for 1,000 queries)."""
+    t0 = time.perf_counter()
+    feature_workflows.logreg_path(x, y[:, None], x[:1000], OFFICIAL_CS, solver=solver, max_iter=MAX_ITER[solver])
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    unknown = sorted(set(f.solvers) - set(SOLVERS))
+    unknown = sorted((set(f.solvers) | set(f.sweep_solvers)) - set(SOLVERS))
     if unknown:
         raise app.UsageError(f"--solvers: unknown {unknown}; choose from {SOLVERS}")
     import sklearn
@@ -114,6 +126,10 @@ def main(argv: list[str]) -> None:
             )
             gap = f", L-BFGS objective +{row['lbfgs_objective_gap']:.1e} rel." if "lbfgs_objective_gap" in row else ""
             print(f"rows {n} x {f.dim}, C {c:g}: {shown}{gap}", flush=True)
+        for solver in f.sweep_solvers:
+            seconds = sweep_seconds(solver, x, y)
+            results["runs"].append({"rows": n, "sweep": solver, "cs": len(OFFICIAL_CS), "seconds": seconds})
+            print(f"rows {n} x {f.dim}: {solver} sweep of {len(OFFICIAL_CS)} C values, {seconds:.1f} s", flush=True)
     if f.out:
         pathlib.Path(f.out).write_text(json.dumps(results, indent=2))
 
