@@ -35,7 +35,8 @@ def macro_score(labels: np.ndarray, scores: np.ndarray, names: Sequence[str], ke
 
 def fill_unscored(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Scores with NaN (a class none of a query's neighbours knows) replaced by the class's known prevalence."""
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class without a known label: prevalence 0
         prevalence = np.nan_to_num(np.nanmean(labels, axis=0), nan=0.0)
     return np.where(np.isnan(scores), prevalence[None, :], scores).astype(np.float32)
 
