@@ -5,7 +5,8 @@ backbone's output, `x_norm_clstoken`: the class token after the final norm. Each
 once with the evaluation preprocessing (resize the shorter side, centre crop, per-channel min-max,
 ImageNet normalisation) on the configured mesh, images split over every device as in the probes'
 prediction, and stored as `workdir/features/<split>.npz`. A rerun reads the file back when it was made
-from the same checkpoint, datasets, task rows, image size, dtype and flip; otherwise it embeds again.
+from the same checkpoint (and backbone.num_heads), datasets, task rows, image size, dtype and flip;
+otherwise it embeds again.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def _identity(env: Any, table: tasks.LabelTable) -> dict:
     """What the cached features depend on (besides the rows, compared as record_index)."""
     return {
         "checkpoint": env.checkpoint,
+        "num_heads": env.cfg.backbone.num_heads,
         "datasets": [str(d) for d in env.datasets],
         "task": table.task,
         "split": table.split,
