@@ -183,7 +183,8 @@ def run_knn(env: Any, workdir: epath.Path) -> dict:
     val_scores = [macro_score(tables["val"].labels, fill_unscored(val[k], train_y), names, key) for k in ks]
     best = select_best(val_scores)
     k = ks[best]
-    logging.info("knn: val %s per k %s: k = %d", key, dict(zip(ks, np.round(val_scores, 4))), k)
+    shown = ", ".join(f"k={kk}: {v:.4f}" for kk, v in zip(ks, val_scores))
+    logging.info("knn: val %s %s; k = %d", key, shown, k)
     refit = bool(env.cfg.refit.enabled)
     bank_x = np.concatenate([feats["train"], feats["val"]]) if refit else feats["train"]
     bank_y = np.concatenate([train_y, tables["val"].labels]) if refit else train_y
