@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = ml_collections.ConfigDict({"name": "cxr_lt"})  # eval.tasks.TASKS key, or a full task spec
     c.data = ml_collections.ConfigDict(
         dict(
-            datasets=(),  # data_prep dataset dirs (<output>/<name>/1.0.0) holding the task's labelled shards
+            datasets=(),  # data_prep dataset dirs (<workdir>/<name>/1.0.0) holding the task's labelled shards
             image_size=512,
             train_scale=(0.75, 1.0),
             flip_p=0.5,
