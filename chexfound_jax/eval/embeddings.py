@@ -47,17 +47,9 @@ def class_tokens(env: Any, records: classification.LabelledRecords) -> np.ndarra
     if flip not in FLIPS:
         raise ValueError(f"eval.flip must be one of {FLIPS} for {env.cfg.workflow}, got {flip!r}")
     feeder, static = env.feeder, (env.features.graphdef, env.features.cfg.compute_dtype, flip)
-    index, count = feeder.shard(feeder.eval_batch)
-    ds = classification.eval_batches(
-        records,
-        feeder.transform.image_size,
-        batch_size=feeder.eval_batch // count,
-        shard_index=index,
-        shard_count=count,
-    )
     out = np.full((len(records), env.features.cfg.embed_dim), np.nan, np.float32)
     shardings = None
-    for local in feeder._iter(ds):
+    for local in feeder.eval_batches(records):
         shardings = shardings or feeder.shardings(local)
         batch = global_batch(local, shardings, feeder.eval_batch)
         feats = _embed(*static, feeder.backbone, batch["image"])

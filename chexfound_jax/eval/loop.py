@@ -62,6 +62,18 @@ class Feeder:
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers, per_worker_buffer_size=2))
         return it
 
+    def eval_batches(self, records: classification.LabelledRecords) -> grain.IterDataset:
+        """This process's share of every evaluation batch of `records` (unshuffled, padded, in row order)."""
+        index, count = self.shard(self.eval_batch)
+        ds = classification.eval_batches(
+            records,
+            self.transform.image_size,
+            batch_size=self.eval_batch // count,
+            shard_index=index,
+            shard_count=count,
+        )
+        return self._iter(ds)
+
 
 def fit(
     feeder: Feeder,
@@ -170,17 +182,9 @@ def predict(
     feeder: Feeder, bank: HeadBank, params: Any, rest: Any, records: classification.LabelledRecords
 ) -> np.ndarray:
     """Probabilities (H, N, K) of the stacked heads for every row of `records`, in row order, on every process."""
-    index, count = feeder.shard(feeder.eval_batch)
-    ds = classification.eval_batches(
-        records,
-        feeder.transform.image_size,
-        batch_size=feeder.eval_batch // count,
-        shard_index=index,
-        shard_count=count,
-    )
     shardings = None
     out = np.full((bank.size, len(records), bank.cfg.num_classes), np.nan, np.float32)
-    for local in feeder._iter(ds):
+    for local in feeder.eval_batches(records):
         shardings = shardings or feeder.shardings(local)
         batch = global_batch(local, shardings, feeder.eval_batch)
         probs = bank.predict(params, rest, feeder.backbone, batch["image"], flip=feeder.eval_flip)
