@@ -75,12 +75,20 @@ def compile_abstract(
     training: Training, compiler_options: dict[str, Any] | None = None
 ) -> tuple[jax.stages.Compiled, float]:
     """The step compiled for abstract sharded inputs, and the compile seconds (lowering included)."""
-    state, batch = abstract_inputs(training)
-    deviceless = training.mesh.devices.flat[0].platform == "tpu" and jax.default_backend() != "tpu"
+    platform = training.mesh.devices.flat[0].platform
+    return compile_jitted(training.step, abstract_inputs(training), platform, compiler_options)
+
+
+def compile_jitted(
+    fn: Any, args: tuple, platform: str, compiler_options: dict[str, Any] | None = None
+) -> tuple[jax.stages.Compiled, float]:
+    """A jitted function compiled for `args` (ShapeDtypeStructs with shardings on devices of `platform`), and the
+    compile seconds (lowering included)."""
+    deviceless = platform == "tpu" and jax.default_backend() != "tpu"
     t0 = time.perf_counter()
     # A deviceless executable cannot be read back from the persistent cache: do not write it there.
     with _no_persistent_cache() if deviceless else contextlib.nullcontext():
-        compiled = training.step.lower(state, batch).compile(compiler_options)
+        compiled = fn.lower(*args).compile(compiler_options)
     return compiled, time.perf_counter() - t0
 
 
@@ -108,7 +116,7 @@ def _global_tokens(cfg: Any) -> int:
     return 1 + cfg.model.num_register_tokens + (cfg.crops.global_crops_size // cfg.model.patch_size) ** 2
 
 
-def _is_out_of_memory(error: Exception) -> bool:
+def is_out_of_memory(error: Exception) -> bool:
     text = str(error).lower()
     return "resource_exhausted" in text or "out of memory" in text
 
@@ -171,6 +179,14 @@ def flop_figures(cfg: Any, topo: topology_lib.Topology, vit: Any, stats: Any, co
     }
 
 
+def collective_figures(stats: hlo_stats.ProgramStats) -> dict[str, dict[str, float]]:
+    """Count, buffer bytes and ring-model traffic of each collective kind, per device per step."""
+    return {
+        kind: {"count": s.count, "bytes": s.bytes, "ring_traffic_bytes": s.traffic}
+        for kind, s in stats.collectives.items()
+    }
+
+
 def roofline(chip: hardware.Chip, global_batch: int, stats: Any, cost: dict) -> dict[str, Any]:
     """A lower bound on the step time: the slowest of compute, HBM traffic and interconnect traffic."""
     compute_s = stats.matmul_flops / chip.peak_bf16_flops
@@ -214,7 +230,7 @@ def check(
     try:
         compiled, seconds = compile_abstract(training)
     except Exception as e:
-        if not _is_out_of_memory(e):
+        if not is_out_of_memory(e):
             raise
         report.update(fits=False, error=str(e).splitlines()[0][:500])
         return report
@@ -230,10 +246,7 @@ def check(
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
     report["flops_per_device"] = flop_figures(cfg, topo, training.model_cfg.backbone, stats, cost)
-    report["collectives_per_device"] = {
-        kind: {"count": s.count, "bytes": s.bytes, "ring_traffic_bytes": s.traffic}
-        for kind, s in stats.collectives.items()
-    }
+    report["collectives_per_device"] = collective_figures(stats)
     if chip:
         report["roofline"] = roofline(chip, cfg.train.global_batch_size, stats, cost)
     return report

@@ -33,8 +33,8 @@ from chexfound_jax.models import adapt as adapt_lib
 from chexfound_jax.models import lora as lora_lib
 from chexfound_jax.models.build import model_from_params
 from chexfound_jax.models.classifiers import ClassifierConfig
-from chexfound_jax.models.vit import ViTConfig, remat_policy_name
-from chexfound_jax.parallel import sharding
+from chexfound_jax.models.vit import VisionTransformer, ViTConfig, remat_policy_name
+from chexfound_jax.parallel import activations, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,26 +106,47 @@ def _is_var(x: Any) -> bool:
 class AdaptedFeatures(FrozenFeatures):
     """A backbone (LoRA-adapted for mode lora) sharded on the mesh by the rule table, its parameters split into
     the trainable leaves of the mode and the frozen rest. `state` is the whole state at the start; calling it
-    (prediction) is FrozenFeatures' forward on whatever whole state it is given."""
+    (prediction) is FrozenFeatures' forward on whatever whole state it is given.
 
-    def __init__(self, vit_cfg: ViTConfig, params: dict, n_blocks: int, dtype: str, adapt: Adaptation, mesh: Mesh,
-                 rules: Any):  # fmt: skip
+    `params=None` builds shapes only: `state` holds jax.ShapeDtypeStructs with their shardings, nothing is
+    allocated (compiling the step for devices that are not there, as bench/finetune_step.py does)."""
+
+    def __init__(self, vit_cfg: ViTConfig, params: dict | None, n_blocks: int, dtype: str, adapt: Adaptation,
+                 mesh: Mesh, rules: Any):  # fmt: skip
         if not 1 <= n_blocks <= vit_cfg.depth:
             raise ValueError(f"n_last_blocks={n_blocks} must be in [1, {vit_cfg.depth}]")
         self.source_cfg = vit_cfg
         self.cfg = vit_cfg.replace(dtype=dtype, drop_path_rate=adapt.drop_path_rate, remat=adapt.remat)
         self.n_blocks, self.adapt, self.mesh = n_blocks, adapt, mesh
         self.rules = sharding.resolve_rules(rules)
-        with jax.set_mesh(mesh):
-            model = model_from_params(self.cfg, params)
+
+        def adapted(model: nnx.Module) -> nnx.Module:
             if adapt.mode == "lora":
                 lora_lib.add_lora(model, adapt.lora, rngs=nnx.Rngs(adapt.seed))
+            return model
+
+        with jax.set_mesh(mesh):
+            if params is None:
+                model = nnx.eval_shape(lambda: adapted(VisionTransformer(self.cfg, rngs=nnx.Rngs(0))))
+            else:
+                model = adapted(model_from_params(self.cfg, params))
         self.filter = adapt_lib.trainable_filter(adapt.mode, adapt.lora)
         self.graphdef, state = nnx.split(model)
         self.shardings = jax.tree.map(_variable_sharding(mesh, self.rules), state, is_leaf=_is_var)
-        self.state = jax.device_put(state, self.shardings)
+        if params is None:
+            shaped = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+            self.state = jax.tree.map(shaped, state, self.shardings)
+        else:
+            self.state = jax.device_put(state, self.shardings)
         self.initial, self.frozen = self.split(self.state)
         self.trainable_shardings, _ = self.split(self.shardings)
+
+    def inputs(self, model: nnx.Module, images: jax.Array, rng: jax.Array | None = None) -> dict[str, jax.Array]:
+        """FrozenFeatures' head inputs, traced with the activations pinned to the batch axes as in pretraining
+        (parallel/activations.py): otherwise GSPMD may follow the FSDP-split weights and all-reduce activations
+        (measured on v5p-8: 239 GiB of all-reduce per full fine-tuning step), and TPUs get the splash kernel."""
+        with activations.activation_sharding(self.mesh, self.rules):
+            return super().inputs(model, images, rng)
 
     def split(self, state: nnx.State) -> tuple[nnx.State, nnx.State]:
         """(trainable, frozen) parts of a whole backbone state."""

@@ -50,6 +50,28 @@ def backbone_features(cfg: Any, vit_cfg, params: dict, mesh, adapt: finetune.Ada
     return features, jax.device_put(features.state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
+def head_config(h: Any, features: FrozenFeatures, num_classes: int, views: int = 1) -> classifiers.ClassifierConfig:
+    """The classifier of the `head` section of an evaluation config on `features`."""
+    if views > 1 and h.kind != "linear":
+        raise ValueError(
+            f"task.multiview gives {views} views per image, which only head.kind='linear' reads "
+            f"(the official GLoRI ignores the second view); got head.kind={h.kind!r}"
+        )
+    return classifiers.ClassifierConfig(
+        kind=h.kind,
+        num_classes=num_classes,
+        embed_dim=features.cfg.embed_dim,
+        n_blocks=features.n_blocks,
+        avgpool=h.avgpool,
+        decoder_dim=h.decoder_dim,
+        num_heads=h.num_heads,
+        ffn_dim=h.ffn_dim,
+        dropout=h.dropout,
+        cat_cls=h.cat_cls,
+        views=views,
+    )
+
+
 @dataclasses.dataclass
 class Environment:
     """What every workflow shares: config, the frozen backbone on its mesh, and the batch feeder."""
@@ -88,25 +110,7 @@ class Environment:
         return list(self.cfg.data.datasets)
 
     def head_config(self, num_classes: int, views: int = 1) -> classifiers.ClassifierConfig:
-        h = self.cfg.head
-        if views > 1 and h.kind != "linear":
-            raise ValueError(
-                f"task.multiview gives {views} views per image, which only head.kind='linear' reads "
-                f"(the official GLoRI ignores the second view); got head.kind={h.kind!r}"
-            )
-        return classifiers.ClassifierConfig(
-            kind=h.kind,
-            num_classes=num_classes,
-            embed_dim=self.features.cfg.embed_dim,
-            n_blocks=self.features.n_blocks,
-            avgpool=h.avgpool,
-            decoder_dim=h.decoder_dim,
-            num_heads=h.num_heads,
-            ffn_dim=h.ffn_dim,
-            dropout=h.dropout,
-            cat_cls=h.cat_cls,
-            views=views,
-        )
+        return head_config(self.cfg.head, self.features, num_classes, views)
 
     def bank(self, head_cfg: classifiers.ClassifierConfig, lrs: Sequence[float], train: bool = False) -> HeadBank:
         """The HeadBank of these heads, one per configuration: its compiled steps serve every run. `train`
