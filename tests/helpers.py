@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import math
+import os
 import pathlib
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,18 @@ IMAGES = sorted((DATA / "images").glob("*.png"))
 TINY_TEACHER = GOLDEN / "vit_tiny_teacher_checkpoint.pth"
 TINY_HUB = GOLDEN / "vit_tiny_hub.pth"
 TINY_HEADS = 4  # the golden tiny backbone: embed 64, 4 heads (not DINOv2's 64-d head default)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def child_env(devices: int = 1, **extra: str) -> dict[str, str]:
+    """The environment of a JAX program the test starts: CPU, `devices` simulated devices, the session's unoptimised
+    XLA:CPU code (conftest: compiles dominate, and every run a test compares is compiled the same way), the
+    repository importable; `extra` variables on top."""
+    xla = ["--xla_backend_optimization_level=0"]
+    if devices > 1:
+        xla.append(f"--xla_force_host_platform_device_count={devices}")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(xla), "PYTHONPATH": path, **extra}
 
 
 def golden(name: str) -> dict[str, np.ndarray]:

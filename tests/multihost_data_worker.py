@@ -7,7 +7,7 @@ shapes and shardings) as JSON. Usage: python multihost_data_worker.py PROCESS_ID
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"  # as conftest
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import json

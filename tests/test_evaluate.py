@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import synthetic
 from etils import epath
-from helpers import TINY_HEADS, TINY_TEACHER, run_processes
+from helpers import TINY_HEADS, TINY_TEACHER, child_env, run_processes
 from PIL import Image
 
 from chexfound_jax import embed, evaluate
@@ -314,13 +314,7 @@ def test_two_processes_probe_and_gather_predictions_in_row_order(shards, tmp_pat
         "c.metrics.n_bootstrap = 10",
     )
     port = portpicker.pick_unused_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-    }
+    env = child_env(devices=4, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     work = tmp_path / "run"
     commands = [
         [

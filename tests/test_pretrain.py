@@ -12,7 +12,7 @@ import numpy as np
 import portpicker
 import pytest
 from etils import epath
-from helpers import run_processes
+from helpers import child_env, run_processes
 
 from chexfound_jax import embed, pretrain
 from chexfound_jax.data import classification
@@ -262,8 +262,7 @@ def wait_for(predicate, proc, timeout=300):
 
 
 def test_sigterm_checkpoints_and_sigkill_resumes_bitwise(dataset, tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)  # one CPU device in every run, so all runs compute the same numbers
+    env = child_env()  # one CPU device in every run, so all runs compute the same numbers
     steps = 14
     # the uninterrupted reference runs alongside the interrupted runs (one CPU device each)
     reference = subprocess.Popen(
@@ -305,12 +304,7 @@ def test_sigterm_checkpoints_and_sigkill_resumes_bitwise(dataset, tmp_path):
 def test_two_processes_train_and_checkpoint(dataset, tmp_path):
     """The CLI as a 2-host job: jax.distributed on localhost, 4 simulated CPU devices per process."""
     port = portpicker.pick_unused_port()
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-    }
+    env = child_env(devices=4, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     commands = [
         [
             *cli(dataset, tmp_path, 6),
