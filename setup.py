@@ -35,7 +35,7 @@ setup(
     ],
     extras_require={
         "torch": ["torch>=2.4", "safetensors>=0.4,<1"],
-        "test": ["pytest>=8,<10", "ruff>=0.15,<1", "timm>=1.0.20,<2"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "ruff>=0.15,<1", "timm>=1.0.20,<2"],
         "beam": ["apache-beam>=2.60,<3"],
         # libtpu for the installed jax: deviceless TPU compilation (compile_check) and TPU runs.
         "tpu": ["jax[tpu]>=0.10.2,<0.12"],
