@@ -184,7 +184,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"adapt={r['adapt']}: {r['topology']} {r['num_devices']} x {r['chip']}, mesh {r['mesh']}, rules {r['rules']};"
         f" batch {r['per_device_batch']} per device ({r['global_batch']} global) at {r['image_size']} px;"
-        f" backbone trains {r['trainable_backbone_params'] / 1e6:.3f} M of {r['backbone_params'] / 1e6:.1f} M"
+        f" backbone trains {r['trainable_backbone_params'] / 1e6:.3f} M of {r['backbone_params'] / 1e6:.4g} M"
         f" parameters, remat {r['remat']}, {r['dtype']}; head {r['head']}"
     ]
     if "memory" not in r:
@@ -197,7 +197,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"  compiled matmul {r['compiled_matmul_flops_per_device'] / 1e12:.3f} TFLOP per device per step"
         f" ({r['compiled_matmul_flops_per_device'] * r['num_devices'] / r['global_batch'] / 1e9:.1f} GFLOP per image);"
         " collectives: "
-        + (", ".join(f"{k} {v['bytes'] / GIB:.2f} GiB" for k, v in r["collectives_per_device"].items()) or "none"),
+        + (
+            ", ".join(f"{k} {v['bytes'] / GIB:.2f} GiB" for k, v in r["collectives_per_device"].items() if v["bytes"])
+            or "none"
+        ),
     ]
     if "roofline" in r:
         rl = r["roofline"]
