@@ -239,18 +239,8 @@ def main(argv: list[str]) -> None:
             out[mode] = run(f.per_device_batch)
             print(format_report(out[mode]), flush=True)
             continue
-        reports: dict[int, dict[str, Any]] = {}
-
-        def fits(b: int, run=run, reports=reports) -> bool:
-            reports[b] = run(b)
-            print(format_report(reports[b]), flush=True)
-            if reports[b]["fits"] is None:
-                raise app.UsageError(f"{topo.device_kind}: no HBM capacity known, so --max_batch cannot decide")
-            return reports[b]["fits"]
-
-        best = compile_check.search_max_batch(fits, f.per_device_batch)
-        print(f"adapt={mode}: largest per-device batch that fits: {best}", flush=True)
-        out[mode] = {"max_per_device_batch": best, "reports": [reports[b] for b in sorted(reports)]}
+        out[mode] = compile_check.max_batch_search(run, f.per_device_batch, topo.device_kind, format_report)
+        print(f"adapt={mode}: largest per-device batch that fits: {out[mode]['max_per_device_batch']}", flush=True)
     if f.out:
         pathlib.Path(f.out).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     sys.stdout.flush()

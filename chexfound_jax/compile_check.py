@@ -280,6 +280,24 @@ def search_max_batch(fits: Callable[[int], bool], start: int = 8, limit: int = 4
     return lo
 
 
+def max_batch_search(
+    run: Callable[[int], dict[str, Any]], start: int, device_kind: str, show: Callable[[dict[str, Any]], str]
+) -> dict[str, Any]:
+    """search_max_batch over compile reports `run(batch)`, each printed with `show` as it comes; a chip of unknown
+    HBM capacity is a usage error. Returns {"max_per_device_batch", "reports" (in batch order)}."""
+    reports: dict[int, dict[str, Any]] = {}
+
+    def fits(b: int) -> bool:
+        reports[b] = run(b)
+        print(show(reports[b]), end="\n\n", flush=True)
+        if reports[b]["fits"] is None:
+            raise app.UsageError(f"{device_kind}: no HBM capacity known, so --max_batch cannot decide")
+        return reports[b]["fits"]
+
+    best = search_max_batch(fits, start)
+    return {"max_per_device_batch": best, "reports": [reports[b] for b in sorted(reports)]}
+
+
 def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"topology {r['topology']} ({r['jax_topology']}, {r['num_slices']} slice(s)): {r['num_devices']} x"
@@ -350,18 +368,8 @@ def main(argv: list[str]) -> None:
         print(format_report(report))
         out: Any = report
     else:
-        reports: dict[int, dict[str, Any]] = {}
-
-        def fits(b: int) -> bool:
-            reports[b] = run(b)
-            print(format_report(reports[b]), end="\n\n", flush=True)
-            if reports[b]["fits"] is None:
-                raise app.UsageError(f"{topo.device_kind}: no HBM capacity known, so --max_batch cannot decide")
-            return reports[b]["fits"]
-
-        best = search_max_batch(fits, f.per_device_batch)
-        print(f"largest per-device batch that fits: {best}")
-        out = {"max_per_device_batch": best, "reports": [reports[b] for b in sorted(reports)]}
+        out = max_batch_search(run, f.per_device_batch, topo.device_kind, format_report)
+        print(f"largest per-device batch that fits: {out['max_per_device_batch']}")
     if f.out:
         pathlib.Path(f.out).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     sys.stdout.flush()

@@ -18,6 +18,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from absl import app
 
 from chexfound_jax import compile_check
 from chexfound_jax.parallel import hlo_stats
@@ -210,6 +211,16 @@ def test_search_max_batch(largest):
     found, tried = _search(largest, start=8, limit=4096)
     assert found == largest, tried
     assert all(b >= 1 for b in tried) and len(tried) == len(set(tried))
+
+
+def test_max_batch_search_prints_every_report_and_needs_a_known_hbm(capsys):
+    run = lambda b: {"batch": b, "fits": b <= 20}
+    out = compile_check.max_batch_search(run, 8, "TPU v5p", lambda r: f"batch {r['batch']}: {r['fits']}")
+    tried = [r["batch"] for r in out["reports"]]
+    assert out["max_per_device_batch"] == 20 and tried == sorted(tried) and {8, 16, 20, 21, 32} <= set(tried)
+    assert capsys.readouterr().out.split("\n\n")[:2] == ["batch 8: True", "batch 16: True"]
+    with pytest.raises(app.UsageError, match="cpu: no HBM capacity known"):
+        compile_check.max_batch_search(lambda b: {"fits": None}, 8, "cpu", str)
 
 
 def test_search_max_batch_limits():
