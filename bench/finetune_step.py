@@ -41,6 +41,7 @@ from ml_collections import config_flags  # noqa: E402
 from bench import timing  # noqa: E402
 from chexfound_jax import cli, compile_check, hardware  # noqa: E402
 from chexfound_jax.eval import finetune, tasks, workflows  # noqa: E402
+from chexfound_jax.eval.probe import Optimization  # noqa: E402
 from chexfound_jax.models.build import init_random  # noqa: E402
 from chexfound_jax.models.vit import ViTConfig, count_params  # noqa: E402
 from chexfound_jax.parallel import hlo_stats  # noqa: E402
@@ -80,7 +81,7 @@ def bank_for(cfg: Any, vit: ViTConfig, mode: str, mesh: Any, params: dict | None
     num_classes = len(tasks.task_from_config(cfg.task).class_names)
     head = workflows.head_config(cfg.head, features, num_classes)
     t = cfg.train
-    opt = finetune.Optimization(tuple(t.lrs), t.weight_decay, t.asymmetric_loss)
+    opt = Optimization(tuple(t.lrs), t.weight_decay, t.asymmetric_loss)
     return finetune.TunedBank(head, opt, features, mesh)
 
 

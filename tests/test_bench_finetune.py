@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec
 
 from bench import finetune_step
 from chexfound_jax.eval.finetune import Adaptation, AdaptedFeatures
+from chexfound_jax.models.lora import LoRAConfig
 from chexfound_jax.models.vit import ViTConfig
 from chexfound_jax.parallel import topology
 from chexfound_jax.parallel.mesh import create_mesh
@@ -32,7 +33,7 @@ def _sizes(tree):
 
 def test_shapes_only_backbone_is_the_built_one_without_weights():
     mesh = create_mesh({"data": 1, "fsdp": -1})
-    adapt = Adaptation("lora", lora=finetune_step.finetune.lora_lib.LoRAConfig(rank=RANK))
+    adapt = Adaptation("lora", lora=LoRAConfig(rank=RANK))
     built = AdaptedFeatures(VIT, random_params(VIT), 1, "float32", adapt, mesh, "fsdp")
     shapes = AdaptedFeatures(VIT, None, 1, "float32", adapt, mesh, "fsdp")
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes.state))  # nothing allocated
