@@ -1,4 +1,4 @@
-"""Logistic-regression solvers on frozen features: the project's Newton solver against scikit-learn's L-BFGS.
+"""Logistic-regression solvers on frozen features: the project's Newton and JAX L-BFGS solvers against scikit-learn's.
 
 The logreg workflow fits one L2 logistic regression per class and C (DINOv2's eval/log_regression.py sweeps
 45 C values; the official fits run cuML). Both solvers here minimise the same objective, scikit-learn's
@@ -8,12 +8,15 @@ The logreg workflow fits one L2 logistic regression per class and C (DINOv2's ev
           forms the (D+1)^2 Hessian, O(N D^2))
   lbfgs   sklearn.linear_model.LogisticRegression(solver="lbfgs", tol=1e-12, max_iter=--lbfgs_max_iter),
           the official protocol's settings; each iteration O(N D)
+  jax     chexfound_jax.eval.logreg.lbfgs_path: optax's L-BFGS on every class at once (sweeps only), float64
+          off TPUs; each iteration O(N D K) in one matmul
 
 Features are synthetic (Gaussian, with a few strong directions as class tokens have), labels from a
 noisy linear rule at --prevalence. For each --rows and --cs: seconds per fit (median of --repeats), the
 solver's iterations, and the objective each reached (the gap says whether L-BFGS stopped short). With
---sweep_solvers, also the seconds of one class's whole official sweep (45 C values, each fit warm-started
-from the previous, as the workflow runs it: eval/feature_workflows.logreg_path).
+--sweep_solvers, also the seconds of the whole official sweep (45 C values, each fit warm-started from the
+previous, as the workflow runs it: eval/feature_workflows.logreg_path) for --sweep_classes label columns
+(each its own noisy linear rule): scikit-learn and Newton fit the classes one after another, jax all at once.
 
     python -m bench.logreg_solvers --rows=10000,30000,100000 --dim=1024 --cs=1e-4,1e-1,100 --out=logreg.json
 
@@ -35,9 +38,9 @@ from absl import app, flags
 from chexfound_jax import cli
 from chexfound_jax.eval import feature_workflows, logreg
 
-SOLVERS = ("newton", "lbfgs")
+SOLVERS = ("newton", "lbfgs")  # single fits; sweeps also take "jax"
 OFFICIAL_CS = tuple(float(c) for c in np.logspace(-6, 5, 45))  # as configs/eval/logreg_cxrlt.py
-MAX_ITER = {"newton": 100, "lbfgs": 1000}  # the workflow's defaults
+MAX_ITER = {"newton": 100, "lbfgs": 1000, "jax": 1000}  # the workflow's defaults
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -47,7 +50,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("dim", 1024, "Feature width (ViT-L class token: 1024).", lower_bound=1, **fv)
     flags.DEFINE_list("cs", ["1e-4", "1e-1", "100"], "Inverse penalties C (official sweep: 1e-6 .. 1e5).", **fv)
     flags.DEFINE_list("solvers", list(SOLVERS), f"Which of {SOLVERS}.", **fv)
-    flags.DEFINE_list("sweep_solvers", ["lbfgs"], "Solvers timed over the official 45-C sweep (empty: none).", **fv)
+    help_sweep = f"Which of {feature_workflows.SOLVERS} to time over the official 45-C sweep (empty: none)."
+    flags.DEFINE_list("sweep_solvers", ["lbfgs"], help_sweep, **fv)
+    flags.DEFINE_list("sweep_classes", ["1"], "Label columns of each sweep (CXR-LT: 40), one sweep per value.", **fv)
     flags.DEFINE_float("prevalence", 0.1, "Fraction of positive labels.", **fv)
     flags.DEFINE_integer("lbfgs_max_iter", 1000, "L-BFGS iteration cap (official DEFAULT_MAX_ITER: 1000).", **fv)
     flags.DEFINE_integer("repeats", 1, "Timed fits per setting (median).", lower_bound=1, **fv)
@@ -65,6 +70,17 @@ def synthetic(n: int, d: int, prevalence: float, seed: int) -> tuple[np.ndarray,
     margin = x @ w + 0.5 * rng.standard_normal(n).astype(np.float32)
     y = (margin > np.quantile(margin, 1.0 - prevalence)).astype(np.float64)
     return x, y
+
+
+def more_labels(x: np.ndarray, y: np.ndarray, classes: int, prevalence: float, seed: int) -> np.ndarray:
+    """(n, classes) labels: `y` and classes - 1 more columns, each from its own noisy linear rule on `x`."""
+    rng = np.random.default_rng(seed + 1)
+    out = [y]
+    for _ in range(classes - 1):
+        margin = x @ (rng.standard_normal(x.shape[1]).astype(np.float32) / np.sqrt(x.shape[1]))
+        margin = margin + 0.5 * rng.standard_normal(len(x)).astype(np.float32)
+        out.append((margin > np.quantile(margin, 1.0 - prevalence)).astype(np.float64))
+    return np.stack(out, axis=1)
 
 
 def objective(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: float, c: float) -> float:
@@ -86,9 +102,9 @@ def fit_once(solver: str, x: np.ndarray, y: np.ndarray, c: float, max_iter: int)
 
 
 def sweep_seconds(solver: str, x: np.ndarray, y: np.ndarray) -> float:
-    """Seconds of one class's official sweep as the workflow runs it (scores for 1,000 queries)."""
+    """Seconds of the official sweep of the (n, K) labels `y` as the workflow runs it (scores for 1,000 queries)."""
     t0 = time.perf_counter()
-    feature_workflows.logreg_path(x, y[:, None], x[:1000], OFFICIAL_CS, solver=solver, max_iter=MAX_ITER[solver])
+    feature_workflows.logreg_path(x, y, x[:1000], OFFICIAL_CS, solver=solver, max_iter=MAX_ITER[solver])
     return time.perf_counter() - t0
 
 
@@ -96,9 +112,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    unknown = sorted((set(f.solvers) | set(f.sweep_solvers)) - set(SOLVERS))
+    unknown = sorted(set(f.solvers) - set(SOLVERS)) + sorted(set(f.sweep_solvers) - set(feature_workflows.SOLVERS))
     if unknown:
-        raise app.UsageError(f"--solvers: unknown {unknown}; choose from {SOLVERS}")
+        raise app.UsageError(f"unknown solvers {unknown}: --solvers takes {SOLVERS}, --sweep_solvers also 'jax'")
     import sklearn
 
     machine = {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
@@ -126,10 +142,14 @@ def main(argv: list[str]) -> None:
             )
             gap = f", L-BFGS objective +{row['lbfgs_objective_gap']:.1e} rel." if "lbfgs_objective_gap" in row else ""
             print(f"rows {n} x {f.dim}, C {c:g}: {shown}{gap}", flush=True)
-        for solver in f.sweep_solvers:
-            seconds = sweep_seconds(solver, x, y)
-            results["runs"].append({"rows": n, "sweep": solver, "cs": len(OFFICIAL_CS), "seconds": seconds})
-            print(f"rows {n} x {f.dim}: {solver} sweep of {len(OFFICIAL_CS)} C values, {seconds:.1f} s", flush=True)
+        for k in (int(v) for v in f.sweep_classes):
+            labels = more_labels(x, y, k, f.prevalence, f.seed)
+            for solver in f.sweep_solvers:
+                seconds = sweep_seconds(solver, x, labels)
+                run = {"rows": n, "sweep": solver, "classes": k, "cs": len(OFFICIAL_CS), "seconds": seconds}
+                results["runs"].append(run)
+                shown = f"{solver} sweep of {len(OFFICIAL_CS)} C values, {seconds:.1f} s"
+                print(f"rows {n} x {f.dim}, {k} class(es): {shown}", flush=True)
     if f.out:
         pathlib.Path(f.out).write_text(json.dumps(results, indent=2))
 

@@ -31,6 +31,28 @@ def test_fit_equals_scikit_learn(c, standardize):
     assert objective(model.w, model.b) <= objective(ref.coef_[0], ref.intercept_[0]) + 1e-9
 
 
+@pytest.mark.parametrize("standardize", [False, True])
+def test_jax_lbfgs_fits_every_class_at_once_to_scikit_learns_minimiser(standardize):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(200, 10)) * rng.uniform(0.2, 5, size=10) + rng.normal(size=10)
+    y = np.stack([(x @ rng.normal(size=10) + rng.normal(size=200) > 0).astype(float) for _ in range(3)], axis=1)
+    y[rng.random(200) < 0.2, 1] = np.nan  # unknown labels leave their class's loss only
+    y[:, 2] = 1.0  # one label value: left out, the other classes' fits unchanged
+    q = rng.normal(size=(15, 10))
+    cs = (10.0, 1e-3, 0.1)  # fitted in increasing order, each from the previous minimiser
+    got = logreg.lbfgs_path(x, y, q, cs, standardize=standardize)
+    scale = StandardScaler().fit(x).transform if standardize else (lambda a: a)
+    for i, c in enumerate(cs):
+        for k in range(2):
+            known = ~np.isnan(y[:, k])
+            ref = LogisticRegression(C=c, solver="newton-cholesky", tol=1e-12, max_iter=1000)
+            want = ref.fit(scale(x[known]), y[known, k]).decision_function(scale(q))
+            np.testing.assert_allclose(got[i, :, k], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got[:, :, 2], 0.0)
+    alone = logreg.lbfgs_path(x, y[:, :2], q, cs, standardize=standardize)
+    np.testing.assert_allclose(got[:, :, :2], alone, rtol=1e-9, atol=1e-10)
+
+
 def test_fit_rejects_one_class():
     with pytest.raises(ValueError, match="labels 0 and 1"):
         logreg.fit(np.zeros((4, 2)), np.ones(4), 1.0)

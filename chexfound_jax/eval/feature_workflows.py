@@ -8,8 +8,9 @@ predictions.csv under workdir/test; the selection under workdir/selection.json).
   knn     weighted vote softmax(cosine / T) of the k nearest training images, per class, for every k of
           `knn.ks` at once; the best k on val; the test queries search train (+ val with refit.enabled)
   logreg  one L2 logistic regression per class (scikit-learn's objective; `logreg.solver`: scikit-learn's
-          L-BFGS or eval/logreg.py's Newton) for every C of `logreg.cs` on train, warm-started along the
-          C path; the best C on val; refit on train + val (refit.enabled, as the official final model), test
+          L-BFGS, eval/logreg.py's Newton, or its JAX L-BFGS over all classes at once) for every C of
+          `logreg.cs` on train, warm-started along the C path; the best C on val; refit on train + val
+          (refit.enabled, as the official final model), test
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def fill_unscored(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 # --- logistic regression --------------------------------------------------------------------------------
 
 
-SOLVERS = ("newton", "lbfgs")
+SOLVERS = ("newton", "lbfgs", "jax")
 
 
 def _class_path(x, y, queries, cs, order, *, solver, max_iter, standardize) -> np.ndarray:
@@ -82,8 +83,9 @@ def logreg_path(
 ) -> np.ndarray:
     """(len(cs), Q, C) decision values (logits) of one logistic regression per class and C, in float64.
 
-    `solver`: "newton" (eval/logreg.py; `max_iter` Newton steps) or "lbfgs" (scikit-learn's, with the official
-    tol=1e-12; `max_iter` iterations, official 1000), the same objective. Logits rather than probabilities:
+    `solver`: "newton" (eval/logreg.py; `max_iter` Newton steps), "lbfgs" (scikit-learn's, with the official
+    tol=1e-12; `max_iter` iterations, official 1000) or "jax" (logreg.lbfgs_path: optax's L-BFGS on every class
+    at once, for accelerators), the same objective. Logits rather than probabilities:
     ranks are what AUROC and AP read, and a sigmoid in floating point ties every margin above ~37 at 1.
     Each class is fitted on the rows whose label is known, C in increasing order, each fit starting from
     the previous one's minimiser. A class with one label value among them scores a constant logit of +-30,
@@ -93,12 +95,17 @@ def logreg_path(
         raise ValueError(f"logreg.solver must be one of {SOLVERS}, got {solver!r}")
     x, queries, y = np.asarray(x, np.float64), np.asarray(queries, np.float64), np.asarray(y, np.float64)
     order = np.argsort(cs, kind="stable")
-    out = np.empty((len(cs), len(queries), y.shape[1]), np.float64)
+    if solver == "jax":
+        out = logreg.lbfgs_path(x, y, queries, cs, max_iter=max_iter, standardize=standardize)
+    else:
+        out = np.empty((len(cs), len(queries), y.shape[1]), np.float64)
     for k in range(y.shape[1]):
         known = ~np.isnan(y[:, k])
         values = np.unique(y[known, k])
         if len(values) < 2:
             out[:, :, k] = (2 * values[0] - 1) * 30.0 if len(values) else 0.0
+            continue
+        if solver == "jax":
             continue
         out[:, :, k] = _class_path(
             x[known], y[known, k], queries, cs, order, solver=solver, max_iter=max_iter, standardize=standardize

@@ -15,8 +15,9 @@ OFFICIAL_CS = tuple(float(c) for c in np.logspace(-6, 5, 45))  # official C_POWE
 
 def logreg_section() -> ml_collections.ConfigDict:
     # solver: "lbfgs" (scikit-learn, the official tol 1e-12; ~10x faster than Newton on CPU at 10k x 1024,
-    # docs/benchmarks.md) or "newton" (eval/logreg.py); max_iter: L-BFGS iterations (official 1000) or Newton
-    # steps (100 is ample); standardize=True scales each dimension by the training rows' mean and std first
+    # docs/benchmarks.md), "newton" (eval/logreg.py) or "jax" (eval/logreg.lbfgs_path: every class at once,
+    # for an accelerator); max_iter: L-BFGS iterations (official 1000) or Newton steps (100 is ample);
+    # standardize=True scales each dimension by the training rows' mean and std first
     return ml_collections.ConfigDict(dict(cs=OFFICIAL_CS, solver="lbfgs", max_iter=1000, standardize=False))
 
 
