@@ -44,7 +44,7 @@ from chexfound_jax.eval import finetune, tasks, workflows  # noqa: E402
 from chexfound_jax.eval.probe import Optimization  # noqa: E402
 from chexfound_jax.models.build import init_random  # noqa: E402
 from chexfound_jax.models.vit import ViTConfig, count_params  # noqa: E402
-from chexfound_jax.parallel import hlo_stats  # noqa: E402
+from chexfound_jax.parallel import hlo_stats, sharding  # noqa: E402
 from chexfound_jax.parallel import mesh as mesh_lib  # noqa: E402
 from chexfound_jax.train import recipe  # noqa: E402
 
@@ -87,8 +87,7 @@ def bank_for(cfg: Any, vit: ViTConfig, mode: str, mesh: Any, params: dict | None
 
 def abstract_step_inputs(bank: finetune.TunedBank, global_batch: int, image_size: int) -> tuple:
     """(state, backbone, batch, rng) of the train step as ShapeDtypeStructs with their shardings."""
-    shaped = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-    state = jax.tree.map(shaped, bank.abstract_state(), bank.shardings)
+    state = sharding.with_shardings(bank.abstract_state(), bank.shardings)
     rows = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32, sharding=bank.batch_sharding)
     images = (global_batch, image_size, image_size, 3)
     batch = {"image": rows(images), "labels": rows((global_batch, bank.cfg.num_classes))}

@@ -35,7 +35,7 @@ from ml_collections import config_flags  # noqa: E402
 from chexfound_jax import cli, hardware  # noqa: E402
 from chexfound_jax.models import attention  # noqa: E402
 from chexfound_jax.models.vit import remat_policy_name  # noqa: E402
-from chexfound_jax.parallel import hlo_stats  # noqa: E402
+from chexfound_jax.parallel import hlo_stats, sharding  # noqa: E402
 from chexfound_jax.parallel import mesh as mesh_lib  # noqa: E402
 from chexfound_jax.train import flops as flops_lib  # noqa: E402
 from chexfound_jax.train.setup import Training, build_training  # noqa: E402
@@ -62,12 +62,9 @@ def memory_figures(compiled: jax.stages.Compiled) -> dict[str, int]:
 
 def abstract_inputs(training: Training) -> tuple[Any, Any]:
     """(state, batch) as ShapeDtypeStructs carrying their shardings: what `lower` needs, nothing allocated."""
-
-    def attach(abstract: Any, shardings: Any) -> Any:
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-    return attach(training.abstract_state, training.state_shardings), attach(
-        training.batch_spec, training.batch_shardings
+    return (
+        sharding.with_shardings(training.abstract_state, training.state_shardings),
+        sharding.with_shardings(training.batch_spec, training.batch_shardings),
     )
 
 

@@ -57,12 +57,7 @@ def config(dataset, **changes):
     # the pattern's place is the class cue: no flips or crops, so a short run can learn it
     c.data.update(train_scale=(1.0, 1.0), flip_p=0.0)
     c.train.update(lrs=(1e-3, 3e-3), val_epochs=25, epochs=25, eval_period_epochs=10)
-    for key, value in changes.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(changes)
     return c
 
 

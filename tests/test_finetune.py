@@ -201,12 +201,7 @@ def _config(dataset, **changes):
     c.train.update(lrs=(1e-2,), val_epochs=2, epochs=2, eval_period_epochs=2, checkpoint_every=0)
     c.report.plots = False
     c.metrics.n_bootstrap = 0
-    for key, value in changes.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(changes)
     return c
 
 

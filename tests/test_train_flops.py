@@ -7,6 +7,7 @@ import pytest
 
 from chexfound_jax.models.flops import dino_head_flops, patch_embed_flops, vit_block_flops, vit_forward_flops
 from chexfound_jax.models.vit import ViTConfig
+from chexfound_jax.parallel import sharding
 from chexfound_jax.train import flops, recipe
 from chexfound_jax.train.setup import build_training
 from configs.pretrain import tiny_cpu, vitl16_512
@@ -147,11 +148,8 @@ def _xla_step_flops(rate: float) -> tuple[float, object]:
     cfg.train.update(global_batch_size=8, batch_groups=1)
     training = build_training(cfg, {"data": 1}, "data_parallel", devices=jax.devices()[:1])
 
-    def abstract(tree, shardings):
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-    state = abstract(training.abstract_state, training.state_shardings)
-    batch = abstract(training.batch_spec, training.batch_shardings)
+    state = sharding.with_shardings(training.abstract_state, training.state_shardings)
+    batch = sharding.with_shardings(training.batch_spec, training.batch_shardings)
     # LLVM at -O0 (as tests/test_bench_train_step.py): faster, and the HLO XLA counts is the same.
     compiled = training.step.lower(state, batch).compile({"xla_backend_optimization_level": 0})
     cost = compiled.cost_analysis()

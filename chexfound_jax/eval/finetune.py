@@ -134,8 +134,7 @@ class AdaptedFeatures(FrozenFeatures):
         self.graphdef, state = nnx.split(model)
         self.shardings = jax.tree.map(_variable_sharding(mesh, self.rules), state, is_leaf=_is_var)
         if params is None:
-            shaped = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-            self.state = jax.tree.map(shaped, state, self.shardings)
+            self.state = sharding.with_shardings(state, self.shardings)
         else:
             self.state = jax.device_put(state, self.shardings)
         self.initial, self.frozen = self.split(self.state)

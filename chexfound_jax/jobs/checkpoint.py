@@ -49,6 +49,8 @@ from orbax.checkpoint._src.metadata import array_metadata_store
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_decision_lib
 
+from chexfound_jax.parallel import sharding
+
 STATE, DATA, CONFIG = "state", "data", "config"
 _JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")  # orbax's JSON bookkeeping
 
@@ -222,9 +224,7 @@ class Checkpointer:
         one whose files are damaged raises DamagedCheckpointError naming them.
         """
         step = self._step(step)
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
-        )
+        target = sharding.with_shardings(abstract_state, shardings)
         args = {STATE: ocp.args.StandardRestore(target), DATA: ocp.args.JsonRestore(), CONFIG: ocp.args.JsonRestore()}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))

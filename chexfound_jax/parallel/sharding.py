@@ -83,6 +83,12 @@ def tree_shardings(logical_tree: Any, abstract_tree: Any, rules: Rules, mesh: Me
     )
 
 
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+    """The tree's shapes and dtypes as jax.ShapeDtypeStructs carrying `shardings` (a tree of the same structure):
+    what lowering or a sharded restore needs, nothing allocated."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
 def resolve_rules(rules: str | Rules | Mapping[str, MeshAxes]) -> Rules:
     """A rule table from its name ("fsdp", "data_parallel"), a mapping, or a list of pairs."""
     if isinstance(rules, str):
