@@ -99,8 +99,8 @@ def _mean_objective(params: tuple, x: jax.Array, y: jax.Array, known: jax.Array,
 
 @jax.jit
 def _lbfgs_fit(params: tuple, x: jax.Array, y: jax.Array, known: jax.Array, c: jax.Array, max_iter: jax.Array,
-               tol: jax.Array) -> tuple[tuple, jax.Array]:  # fmt: skip
-    """(minimiser, iterations) of _mean_objective by optax's L-BFGS (zoom line search) from `params`."""
+               tol: jax.Array) -> tuple:  # fmt: skip
+    """The minimiser of _mean_objective by optax's L-BFGS (zoom line search) from `params`."""
     fun = functools.partial(_mean_objective, x=x, y=y, known=known, c=c)
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(fun)
@@ -117,8 +117,7 @@ def _lbfgs_fit(params: tuple, x: jax.Array, y: jax.Array, known: jax.Array, c: j
         grad = optax.tree_utils.tree_get(state, "grad")
         return (count == 0) | ((count < max_iter) & (optax.tree_utils.tree_norm(grad, ord=jnp.inf) >= tol))
 
-    params, state = jax.lax.while_loop(going, step, (params, opt.init(params)))
-    return params, optax.tree_utils.tree_get(state, "count")
+    return jax.lax.while_loop(going, step, (params, opt.init(params)))[0]
 
 
 def lbfgs_path(
@@ -155,7 +154,7 @@ def lbfgs_path(
         q = jnp.asarray(queries, dtype)
         for i in np.argsort(cs, kind="stable"):
             c = jnp.asarray(cs[i], dtype)
-            params, _ = _lbfgs_fit(params, *data, c, jnp.int32(max_iter), jnp.asarray(tol, dtype))
+            params = _lbfgs_fit(params, *data, c, jnp.int32(max_iter), jnp.asarray(tol, dtype))
             out[i] = np.asarray(q @ params[0] + params[1], np.float64)
     return out
 
